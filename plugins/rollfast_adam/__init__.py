@@ -1,0 +1,160 @@
+"""Adam and AdamW (Kingma & Ba, 2015; Loshchilov & Hutter, 2019) as rollfast families.
+
+With float32 moments the numbers equal ``optax.adam`` / ``optax.adamw`` bit for
+bit. Additions: moments always accumulate in float32; ``mu_dtype=jnp.bfloat16``
+stores *both* moments in bfloat16, written with the chosen ``round`` rule.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    register.family("adam", adam, first_moment=_first_moment,
+                    references=("Kingma & Ba, Adam: A Method for Stochastic Optimization, arXiv:1412.6980",))
+    register.family("adamw", adamw, first_moment=_first_moment,
+                    references=("Loshchilov & Hutter, Decoupled Weight Decay Regularization, arXiv:1711.05101",))
+
+
+class ScaleByAdamState(NamedTuple):
+    """Step count, first and second moments, and the key for stochastic writes."""
+
+    count: object
+    mu: object
+    nu: object
+    key: object
+
+
+def _first_moment(state):
+    return state[0].mu
+
+
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
+                  nesterov=False, round=None, key=42):
+    r"""Adam's moment scaling, accumulated in float32.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+
+    (Nesterov: :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.)
+
+    Args:
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added to the denominator outside the square root.
+      eps_root: added to the second moment inside the square root.
+      mu_dtype: storage dtype of both moments (``None``: float32).
+      nesterov: use Nesterov's momentum.
+      round: how moments are written in ``mu_dtype`` (a rounding object).
+      key: seed or PRNG key for stochastic writes.
+
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_adam()
+    >>> u, _ = tx.update({"w": jnp.array([2.0, -3.0])}, tx.init({"w": jnp.zeros(2)}))
+    >>> u["w"]
+    Array([ 1., -1.], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    store = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+    low_precision = store != jnp.float32
+
+    def write(tree, k):
+        if not low_precision:
+            return tree
+        leaves, treedef = jax.tree.flatten(tree)
+        keys = list(jax.random.split(k, max(len(leaves), 1)))
+        cast = round.cast if round is not None else (lambda x, d, _: x.astype(d))
+        return jax.tree.unflatten(treedef, [cast(x, store, kk) for x, kk in zip(leaves, keys)])
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(jnp.shape(p), store)
+        k = key if isinstance(key, jax.Array) and key.ndim else jax.random.PRNGKey(key)
+        return ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                                jax.tree.map(zeros, params), k)
+
+    def update(updates, state, params=None):
+        del params
+        f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, f32(state.mu))
+        nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v,
+                          f32(updates), f32(state.nu))
+        count = optax.safe_increment(state.count)
+        bc = lambda tree, decay, n: jax.tree.map(
+            lambda t: t / (1 - decay**n).astype(t.dtype), tree)
+        if nesterov:
+            mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
+                                  bc(mu, b1, optax.safe_increment(count)), bc(updates, b1, count))
+        else:
+            mu_hat = bc(mu, b1, count)
+        nu_hat = bc(nu, b2, count)
+        out = jax.tree.map(lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
+                           mu_hat, nu_hat, is_leaf=lambda x: x is None)
+        key_next, k_mu, k_nu = jax.random.split(state.key, 3)
+        return out, ScaleByAdamState(count, write(mu, k_mu), write(nu, k_nu), key_next)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
+         nesterov=False, round="nearest", key=42):
+    r"""Adam: moment-normalised steps, ``-lr * m̂ / (sqrt(v̂ + eps_root) + eps)``.
+
+    Args:
+      learning_rate: step size, a float or an Optax schedule.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added to the denominator outside the square root.
+      eps_root: added to the second moment inside the square root.
+      mu_dtype: storage dtype of both moments (``None``: float32).
+      nesterov: use Nesterov's momentum.
+      round: rounding rule for moments stored in ``mu_dtype``.
+      key: seed or PRNG key for stochastic moment writes.
+
+    >>> import rollfast
+    >>> opt = rollfast.get("adam", learning_rate=1e-3)
+    """
+    import optax
+
+    return optax.chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, round=round, key=key),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
+          weight_decay=1e-4, weight_decay_mask=None, *, nesterov=False, round="nearest", key=42):
+    r"""AdamW: Adam with decoupled weight decay, ``-lr * (m̂/(sqrt(v̂+eps_root)+eps) + λ θ)``.
+
+    Args:
+      learning_rate: step size, a float or an Optax schedule.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added to the denominator outside the square root.
+      eps_root: added to the second moment inside the square root.
+      mu_dtype: storage dtype of both moments (``None``: float32).
+      weight_decay: decoupled weight decay λ (float or schedule).
+      weight_decay_mask: pytree or callable ``params -> bool pytree``: where to decay.
+      nesterov: use Nesterov's momentum.
+      round: rounding rule for moments stored in ``mu_dtype``.
+      key: seed or PRNG key for stochastic moment writes.
+
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.get("adamw", learning_rate=0.1, weight_decay=0.0)
+    >>> p = {"w": jnp.array([1.0, -1.0])}
+    >>> opt.update({"w": jnp.array([3.0, -0.5])}, opt.init(p), p)[0]["w"]
+    Array([-0.1,  0.1], dtype=float32)
+    """
+    import optax
+
+    return optax.chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, round=round, key=key),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate))

@@ -1,0 +1,35 @@
+"""rollfast: optimizers for JAX as a plugin registry on top of Optax.
+
+>>> import rollfast
+>>> opt = rollfast.get("adamw", learning_rate=3e-4)   # a plain optax transformation
+
+Importing rollfast is light: plugins (and jax) load on first use of the registry.
+Names that plugins export (e.g. the rollfast 0.2 API) resolve lazily as
+attributes of this module.
+"""
+
+from __future__ import annotations
+
+from rollfast import plugins
+from rollfast.assembly import available, get
+from rollfast.errors import RollfastPluginWarning, UnknownNameError
+from rollfast.registry import Contribution, hookimpl, registry
+
+__version__ = "0.3.0"
+
+__all__ = ["get", "available", "hookimpl", "plugins", "registry", "Contribution",
+           "UnknownNameError", "RollfastPluginWarning", "__version__"]
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    reg = registry()
+    try:
+        return reg.lookup("export", name).impl["object"]
+    except LookupError:
+        raise AttributeError(f"module 'rollfast' has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | {r.name for r in registry().records("export")})
