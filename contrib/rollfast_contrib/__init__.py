@@ -1,0 +1,1 @@
+"""rollfast_contrib: optimizers beyond the core set (in progress)."""

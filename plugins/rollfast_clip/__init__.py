@@ -1,0 +1,1 @@
+"""rollfast_clip plugin (in progress)."""

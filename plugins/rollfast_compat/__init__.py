@@ -1,0 +1,1 @@
+"""rollfast_compat plugin (in progress)."""

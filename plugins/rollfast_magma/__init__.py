@@ -1,0 +1,1 @@
+"""rollfast_magma plugin (in progress)."""

@@ -1,0 +1,1 @@
+"""rollfast_optax plugin (in progress)."""

@@ -1,0 +1,1 @@
+"""rollfast_partition plugin (in progress)."""

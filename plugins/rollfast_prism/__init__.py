@@ -1,0 +1,1 @@
+"""rollfast_prism plugin (in progress)."""

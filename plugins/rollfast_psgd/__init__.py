@@ -1,0 +1,1 @@
+"""rollfast_psgd plugin (in progress)."""

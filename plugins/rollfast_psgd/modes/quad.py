@@ -1,0 +1,1 @@
+"""PSGD Kron mode (in progress)."""

@@ -1,0 +1,1 @@
+"""rollfast_schedule_free plugin (in progress)."""
