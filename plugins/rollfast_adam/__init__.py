@@ -88,8 +88,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
         nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v,
                           f32(updates), f32(state.nu))
         count = optax.safe_increment(state.count)
-        bc = lambda tree, decay, n: jax.tree.map(
-            lambda t: t / (1 - decay**n).astype(t.dtype), tree)
+        bc = optax.tree.bias_correction
         if nesterov:
             mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
                                   bc(mu, b1, optax.safe_increment(count)), bc(updates, b1, count))
