@@ -1,0 +1,25 @@
+# One command each: `make demo` (set up, list the registry, train a small model) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LOCAL_PLUGINS := $(wildcard contrib/example-plugin contrib/kron-cayley)
+
+.PHONY: setup demo test bench
+
+$(BIN)/rollfast: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' $(addprefix -e ./,$(LOCAL_PLUGINS))
+	touch $@
+
+setup: $(BIN)/rollfast
+
+demo: setup
+	$(BIN)/rollfast list
+	$(BIN)/python examples/quickstart.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	for b in bench/[a-z]*.py; do [ "$$b" = bench/common.py ] || $(BIN)/python $$b; done

@@ -1,7 +1,0 @@
-"""Test configuration: 8 simulated CPU devices for the sharding tests, float64 off."""
-
-import os
-
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
