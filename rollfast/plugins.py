@@ -6,10 +6,12 @@
 ...     return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
 >>> rollfast.plugins.register(rollfast.plugins.as_plugin(
 ...     precondition=lambda register: register.family("sign_sgd_doc", sign_sgd)), name="doc")
->>> rollfast.available("family", )[0].kind
-'family'
->>> rollfast.get("sign_sgd_doc", learning_rate=0.5).update({"w": -3.0}, None)[0]
+>>> rollfast.registry().lookup("family", "sign_sgd_doc").provider.plugin
+'doc'
+>>> opt = rollfast.get("sign_sgd_doc", learning_rate=0.5)
+>>> opt.update({"w": -3.0}, opt.init({"w": 1.0}))[0]
 {'w': Array(0.5, dtype=float32, weak_type=True)}
+>>> _ = rollfast.plugins.reset()
 """
 
 from __future__ import annotations

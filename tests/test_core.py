@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import rollfast
+import rollfast.testing
 from rollfast.registry import Registry
 
 import toy_plugin
@@ -83,9 +84,9 @@ def test_first_party_and_third_party_discovery():
     adamw = rollfast.registry().lookup("family", "adamw")
     assert adamw.provider.distribution == "rollfast" and adamw.provider.first_party
     assert adamw.provider.version == rollfast.__version__
-    signum = rollfast.registry().lookup("family", "signum")
-    assert signum.provider.distribution == "rollfast-example-plugin"
-    assert not signum.provider.first_party
+    adamod = rollfast.registry().lookup("family", "adamod")
+    assert adamod.provider.distribution == "rollfast-example-plugin"
+    assert not adamod.provider.first_party
     assert rollfast.registry().lookup("mask", "trust_ratio").provider.plugin == "example"
 
 
@@ -126,7 +127,7 @@ def test_autoload_can_be_disabled_first_party_still_loads(monkeypatch):
     reg = Registry().load()
     assert reg.lookup("family", "adamw")
     with pytest.raises(rollfast.UnknownNameError):
-        reg.lookup("family", "signum")
+        reg.lookup("family", "adamod")
 
 
 def test_modes_are_case_insensitive_and_take_aliases(fresh):
@@ -265,8 +266,21 @@ def test_integer_and_none_leaves_pass_through():
 def test_available_lists_records_by_kind():
     rollfast.plugins.reset()
     families = {r.name for r in rollfast.available("family")}
-    assert {"adam", "adamw", "signum"} <= families
+    assert {"adam", "adamw", "adamod"} <= families
     assert {r.kind for r in rollfast.available()} >= {"family", "mask", "round"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [r.name for r in rollfast.available("round")][:2] == ["nearest", "stochastic"]
+
+
+def test_example_third_party_family_and_mask_are_usable():
+    rollfast.plugins.reset()
+    params = {"w": jnp.full((4,), 2.0), "b": jnp.zeros(3)}
+    opt = rollfast.get("adamod", learning_rate=0.1, mask="trust_ratio", trust_coefficient=0.01)
+    updates, _ = opt.update({"w": jnp.arange(4.0), "b": jnp.ones(3)}, opt.init(params), params)
+    np.testing.assert_allclose(jnp.linalg.norm(updates["w"]), 0.01 * 4.0, rtol=1e-6)
+    assert (updates["b"] < 0).all()  # zero-norm parameters keep their own step
+    target = {"w": jnp.arange(4.0)}
+    _, _, losses = rollfast.testing.run(rollfast.get("adamod", learning_rate=0.1), {"w": jnp.zeros(4)},
+                                        rollfast.testing.quadratic_loss(target), 300)
+    assert losses[-1] < 1e-2 * losses[0]

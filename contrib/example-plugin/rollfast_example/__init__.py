@@ -1,7 +1,7 @@
 """An example third-party rollfast plugin, published as its own distribution.
 
-It contributes a family, ``signum`` (Bernstein et al., signSGD with momentum),
-and a mask, ``trust_ratio`` (LARS/LAMB-style layer-wise scaling of any
+It contributes a family, ``adamod`` (Ding et al., 2019: Adam with a momental
+bound on each element's step size), and a mask, ``trust_ratio`` (LARS/LAMB-style layer-wise scaling of any
 optimizer's update). After ``pip install rollfast-example-plugin``,
 ``rollfast list`` shows both with this plugin as their provider.
 """
@@ -15,10 +15,9 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    # optax.trace keeps Σ b1^k g, proportional to the EMA (the sign is the same).
-    register.family("signum", signum, first_moment=lambda state: state[0].trace,
-                    references=("Bernstein et al., signSGD: Compressed Optimisation for "
-                                "Non-Convex Problems, arXiv:1802.04434",))
+    register.family("adamod", adamod, first_moment=lambda state: state[0].mu,
+                    references=("Ding, Ren, Luo & Sun, An Adaptive and Momental Bound Method "
+                                "for Stochastic Learning, arXiv:1910.12249",))
 
 
 @rollfast.hookimpl
@@ -27,25 +26,74 @@ def mask(register):
              references=("You et al., Large Batch Training of Convolutional Networks, arXiv:1708.03888",))
 
 
-def signum(learning_rate, b1=0.9, weight_decay=0.0):
-    r"""Signum: step along the sign of the momentum, ``-lr · (sign(m_t) + λ θ)``.
+class AdaModState(NamedTuple):
+    count: object
+    mu: object
+    nu: object
+    step_bound: object
 
-    .. math:: m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t
+
+def scale_by_adamod(b1=0.9, b2=0.999, b3=0.999, eps=1e-8):
+    r"""AdaMod's direction: Adam whose per-element step size is capped by its own EMA.
+
+    .. math::
+        \eta_t = \frac{1}{\sqrt{\hat v_t} + \epsilon},\quad
+        s_t = \beta_3 s_{t-1} + (1-\beta_3)\eta_t,\quad
+        u_t = \min(\eta_t, s_t)\,\hat m_t
+
+    (the learning rate multiplies afterwards, so the bound is on ``η_t/lr``).
+
+    Args:
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      b3: decay of the step-size bound (its memory is about ``1/(1-b3)`` steps).
+      eps: added to the denominator.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return AdaModState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
+
+    def update(g, state, params=None):
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, g, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, g, state.nu)
+        m_hat = optax.tree.bias_correction(mu, b1, count)
+        v_hat = optax.tree.bias_correction(nu, b2, count)
+        eta = jax.tree.map(lambda v: 1 / (jnp.sqrt(v) + eps), v_hat)
+        bound = jax.tree.map(lambda s, e: b3 * s + (1 - b3) * e, state.step_bound, eta)
+        u = jax.tree.map(lambda m, e, s: jnp.minimum(e, s) * m, m_hat, eta, bound)
+        return u, AdaModState(count, mu, nu, bound)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adamod(learning_rate, b1=0.9, b2=0.999, b3=0.999, eps=1e-8, weight_decay=0.0):
+    r"""AdaMod: Adam with momental bounds on the per-element learning rate.
+
+    Early steps are small (the bound starts at 0 and warms up), which removes the
+    need for a warm-up schedule.
 
     Args:
       learning_rate: step size, a float or an Optax schedule.
-      b1: momentum decay.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      b3: decay of the step-size bound.
+      eps: added to the denominator.
       weight_decay: decoupled weight decay λ.
 
     >>> import jax.numpy as jnp
-    >>> opt = signum(0.1)
-    >>> opt.update({"w": jnp.array([2.0, -3.0])}, opt.init({"w": jnp.zeros(2)}))[0]["w"]
-    Array([-0.1,  0.1], dtype=float32)
+    >>> opt, params = adamod(0.1), {"w": jnp.zeros(2)}
+    >>> u, _ = opt.update({"w": jnp.array([2.0, -3.0])}, opt.init(params), params)
+    >>> u["w"]  # the first bound is (1 - b3)·η: a thousandth of Adam's first step
+    Array([-1.e-04,  1.e-04], dtype=float32)
     """
     import optax
 
-    return optax.chain(optax.trace(decay=b1),
-                       optax.scale_by_sign(),
+    return optax.chain(scale_by_adamod(b1, b2, b3, eps),
                        optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(learning_rate))
 
