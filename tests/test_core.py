@@ -278,7 +278,7 @@ def test_example_third_party_family_and_mask_are_usable():
     params = {"w": jnp.full((4,), 2.0), "b": jnp.zeros(3)}
     opt = rollfast.get("adamod", learning_rate=0.1, mask="trust_ratio", trust_coefficient=0.01)
     updates, _ = opt.update({"w": jnp.arange(4.0), "b": jnp.ones(3)}, opt.init(params), params)
-    np.testing.assert_allclose(jnp.linalg.norm(updates["w"]), 0.01 * 4.0, rtol=1e-6)
+    np.testing.assert_allclose(jnp.linalg.norm(updates["w"]), 0.01 * 4.0, rtol=1e-5)
     assert (updates["b"] < 0).all()  # zero-norm parameters keep their own step
     target = {"w": jnp.arange(4.0)}
     _, _, losses = rollfast.testing.run(rollfast.get("adamod", learning_rate=0.1), {"w": jnp.zeros(4)},
