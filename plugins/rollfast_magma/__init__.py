@@ -1,1 +1,140 @@
-"""rollfast_magma plugin (in progress)."""
+r"""Magma: momentum-aligned random block masking of a whole optimizer's update.
+
+Joo, Xia, Kim, Zhang, Ie, "On Surprising Effectiveness of Masking Updates in
+Adaptive Optimizers" (arXiv:2602.15322); ALGORITHMS §5.
+
+Every leaf is one block. Each step, per leaf, the raw gradient :math:`g` is scored
+against a first moment :math:`m`, the score is smoothed, and the block survives
+with probability :math:`p`:
+
+.. math::
+    \cos = \operatorname{clip}\Big(\frac{\langle g, m\rangle}
+           {\max(\lVert g\rVert\lVert m\rVert, 10^{-12})}, -1, 1\Big),\quad
+    s_t = 0.9\,s_{t-1} + 0.1\,\sigma(\cos/\tau),\quad
+    b \sim \mathrm{Bernoulli}(p),\quad \Delta' = b\,s_t\,\Delta
+
+with :math:`s_0 = 0.5`, so the expected update is scaled by about :math:`p/2`
+(0.25 with the defaults; multiply the learning rate by ≈4 to compensate).
+
+Which first moment: a family that registers ``first_moment`` (``adam``,
+``adamw``, ``kron`` with momentum, ``prism``) hands its momentum of this step to
+the mask through ``rollfast.get``; for a family that keeps none visible (e.g. the
+Optax catalogue), Magma keeps its own EMA :math:`m_t = 0.9\,m_{t-1} + 0.1\,g_t`
+(float32, one copy of the parameters; no bias correction, which the cosine does
+not see). The family's update already contains its weight decay and the factor
+:math:`-\eta`; as the mask is one scalar per leaf, masking after the learning
+rate equals masking before it, and the decay is masked too (§5.6).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import rollfast
+
+EMA_DECAY = 0.9
+SCORE_DECAY = 0.9
+KEY_TAG = 0x4D61  # folded into the user's key, so Magma's stream differs from the family's
+
+
+@rollfast.hookimpl
+def mask(register):
+    register("magma", magma,
+             references=("Joo et al., On Surprising Effectiveness of Masking Updates in "
+                         "Adaptive Optimizers, arXiv:2602.15322",))
+
+
+class MagmaState(NamedTuple):
+    """Wrapped state, per-leaf scores ``s``, own gradient EMA (``()`` if the family's
+    first moment is used) and the mask's PRNG key."""
+
+    inner_state: object
+    score: object
+    ema: object
+    key: object
+
+
+def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_name=None):
+    r"""Drop each leaf's update with probability :math:`1-p` and damp survivors by their score.
+
+    :math:`\Delta' = b\,s\,\Delta`, :math:`b\sim\mathrm{Bernoulli}(p)` per leaf,
+    :math:`s` the EMA of :math:`\sigma(\cos(g, m)/\tau)` (see the module docstring).
+    A step with a non-finite gradient is skipped (zero update, state unchanged).
+
+    Args:
+      magma_p: probability that a leaf's update is kept.
+      magma_tau: temperature of the sigmoid score (> 0).
+      key: int seed or PRNG key of the masks (same key, same masks).
+      axis_name: pmap/shard_map axis: sums are reduced over it and every device
+        draws the same masks.
+
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.get("adamw", learning_rate=1.0, weight_decay=0.0, mask="magma", magma_p=1.0)
+    >>> p = {"w": jnp.ones(2)}
+    >>> opt.update({"w": jnp.array([1.0, -1.0])}, opt.init(p), p)[0]["w"]   # cos = 1
+    Array([-0.51225..., 0.51225...], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from rollfast_clip import all_finite, skip_unless
+    from rollfast_rounding import absent, as_key, leaf_keys
+
+    if not 0.0 <= magma_p <= 1.0:
+        raise ValueError(f"magma_p must be in [0, 1]; got {magma_p}")
+    if not magma_tau > 0.0:
+        raise ValueError(f"magma_tau must be > 0; got {magma_tau}")
+
+    def active(x) -> bool:
+        return not absent(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+    def init(params):
+        per_leaf = lambda fill: jax.tree.map(lambda p: fill(p) if active(p) else None, params,
+                                             is_leaf=absent)
+        score = per_leaf(lambda p: jnp.asarray(0.5, jnp.float32))
+        ema = () if first_moment else per_leaf(lambda p: jnp.zeros(jnp.shape(p), jnp.float32))
+        return MagmaState(inner.init(params), score, ema,
+                          jax.random.fold_in(as_key(key), KEY_TAG))
+
+    def update(grads, state, params=None, **extra):
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+        flat_u, treedef = jax.tree.flatten(updates, is_leaf=absent)
+        flat_g = treedef.flatten_up_to(grads)
+        if first_moment:
+            ema = ()
+            flat_m = treedef.flatten_up_to(first_moment(inner_state))
+        else:
+            flat_m = [m if m is None else EMA_DECAY * m + (1 - EMA_DECAY) * g.astype(jnp.float32)
+                      for m, g in zip(treedef.flatten_up_to(state.ema), flat_g)]
+            ema = treedef.unflatten(flat_m)
+        key_next, k_mask = jax.random.split(state.key)
+        if axis_name is not None:
+            k_mask = jax.lax.pmin(k_mask, axis_name)
+        out, scores = [], []
+        for u, g, m, s, k in zip(flat_u, flat_g, flat_m, treedef.flatten_up_to(state.score),
+                                 leaf_keys(k_mask, len(flat_u))):
+            if not active(u) or absent(m):
+                out.append(u)
+                scores.append(s)
+                continue
+            s = SCORE_DECAY * s + (1 - SCORE_DECAY) * jax.nn.sigmoid(_cosine(g, m, axis_name) / magma_tau)
+            keep = jax.random.bernoulli(k, magma_p)
+            out.append(u * (keep * s).astype(u.dtype))
+            scores.append(s)
+        new = MagmaState(inner_state, treedef.unflatten(scores), ema, key_next)
+        return skip_unless(all_finite(grads, axis_name), treedef.unflatten(out), new, state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _cosine(g, m, axis_name=None):
+    """Cosine of two tensors in float32; 0 where undefined (zero or non-finite)."""
+    import jax
+    import jax.numpy as jnp
+
+    g, m = g.astype(jnp.float32), m.astype(jnp.float32)
+    sums = jnp.stack([jnp.sum(g * m), jnp.sum(g * g), jnp.sum(m * m)])
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    cos = sums[0] / jnp.maximum(jnp.sqrt(sums[1]) * jnp.sqrt(sums[2]), 1e-12)
+    return jnp.clip(jnp.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)

@@ -1,14 +1,22 @@
-"""Rounding rules for low-precision storage: round-to-nearest-even and stochastic.
+"""Rounding rules for low-precision storage, and applying updates to low-precision params.
 
-Stochastic rounding to bfloat16 (``sr_bf16``) adds 16 uniform random bits to the
-16 low bits of the float32 pattern that bfloat16 discards, then truncates them:
-the result is one of the two bfloat16 neighbours of ``x``, the far one with
-probability proportional to the distance, so ``E[sr_bf16(x)] = x``.
+Stochastic rounding writes ``x`` as one of its two neighbours in the target
+format, the far one with probability proportional to the distance, so
+``E[round(x)] = x``. To bfloat16 (``sr_bf16``) this is a bit trick: add 16 uniform
+random bits to the 16 low bits of the float32 pattern that bfloat16 discards, then
+truncate them. To float16 (``sr_narrow``) the two neighbours are found with
+``nextafter`` and chosen with one uniform draw, which is also right for subnormals.
+
+``apply_updates(params, updates, key)`` adds updates in float32 and writes the sum
+back in the parameter dtype with that rule, so that updates smaller than half an
+ulp survive in expectation (Gupta et al., 2015).
 """
 
 from __future__ import annotations
 
 import rollfast
+
+LOW_PRECISION = ("bfloat16", "float16")
 
 
 @rollfast.hookimpl
@@ -16,6 +24,8 @@ def round(register):
     register("nearest", Nearest)
     register("stochastic", Stochastic,
              references=("Gupta et al., Deep Learning with Limited Numerical Precision, arXiv:1502.02551",))
+    register.export("apply_updates", apply_updates)
+    register.export("apply_updates_prefix", apply_updates_prefix)
 
 
 class Nearest:
@@ -31,7 +41,7 @@ class Nearest:
 
 
 class Stochastic:
-    """Round stochastically (unbiased) when writing bfloat16; other dtypes cast.
+    """Round stochastically (unbiased) when writing bfloat16 or float16; other dtypes cast.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.full((10000,), 1 + 2**-10, jnp.float32)
@@ -45,11 +55,12 @@ class Stochastic:
     def cast(self, x, dtype, key=None):
         import jax.numpy as jnp
 
-        if jnp.dtype(dtype) != jnp.bfloat16 or x.dtype == jnp.bfloat16:
+        dtype = jnp.dtype(dtype)
+        if dtype.name not in LOW_PRECISION or x.dtype == dtype:
             return x.astype(dtype)
         if key is None:
             raise ValueError("stochastic rounding needs a PRNG key (key=...)")
-        return sr_bf16(x, key)
+        return sr_bf16(x, key) if dtype == jnp.bfloat16 else sr_narrow(x, dtype, key)
 
     def __repr__(self):
         return "Stochastic()"
@@ -69,3 +80,135 @@ def sr_bf16(x, key):
     noise = jnp.where(special, jnp.uint32(0), noise)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def sr_narrow(x, dtype, key):
+    r"""Stochastically round ``x`` to any narrower float ``dtype`` (e.g. float16).
+
+    With :math:`a \le |x| < b` the neighbours of :math:`|x|` in ``dtype``, the result
+    has magnitude :math:`b` with probability :math:`(|x|-a)/(b-a)`, else :math:`a`.
+    Representable values, ``±inf`` and NaN are returned as the ordinary cast;
+    finite values beyond the largest finite number saturate to it.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.full((4000,), 1 + 2**-12, jnp.float32)   # a quarter ulp above 1
+    >>> y = sr_narrow(x, jnp.float16, jax.random.PRNGKey(0)).astype(jnp.float32)
+    >>> sorted(set(y.tolist())), abs(float(y.mean()) - (1 + 2**-12)) < 2**-14
+    ([1.0, 1.0009765625], True)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = x.astype(jnp.float32)
+    near = x.astype(dtype)
+    overshoot = jnp.abs(near.astype(jnp.float32)) > jnp.abs(x)
+    low = jnp.where(overshoot, jnp.nextafter(near, jnp.zeros_like(near)), near)
+    high = jnp.nextafter(low, jnp.where(x < 0, -jnp.inf, jnp.inf).astype(dtype))
+    a, b = jnp.abs(low.astype(jnp.float32)), jnp.abs(high.astype(jnp.float32))
+    up = jax.random.uniform(key, x.shape) * (b - a) < jnp.abs(x) - a
+    return jnp.where(jnp.isfinite(x), jnp.where(up, high, low), near)
+
+
+def leaf_keys(key, n: int) -> list:
+    """``n`` sub-keys of ``key``, one per flattened leaf position (``None`` included)."""
+    import jax
+
+    return list(jax.random.split(key, n)) if n else []
+
+
+def as_key(key):
+    """A raw ``uint32[2]`` PRNG key from an int seed, a raw key or a typed key.
+
+    >>> as_key(42).tolist() == as_key(__import__("jax").random.key(42)).tolist()
+    True
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(key, int):
+        return jax.random.PRNGKey(key)
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def absent(x) -> bool:
+    """Whether a tree position holds no array (``None`` or ``optax.MaskedNode``)."""
+    import optax
+
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def apply_updates(params, updates, key=None, stochastic=True):
+    r"""``params + updates`` leaf by leaf, written back in each parameter's dtype.
+
+    bfloat16/float16 params with a ``key`` (and ``stochastic``): the sum is formed in
+    float32 and stochastically rounded, so :math:`E[p_{new}] = p + u` exactly.
+    Otherwise (float32 params, ``key=None`` or ``stochastic=False``) it is
+    ``optax.apply_updates``. ``None``/``MaskedNode`` params are returned unchanged.
+    ``key`` is split into one sub-key per flattened parameter position; pass a
+    fresh key every step.
+
+    Args:
+      params: the parameter tree.
+      updates: a tree of updates with the structure of ``params``.
+      key: PRNG key (or int seed) for stochastic rounding; ``None``: round to nearest.
+      stochastic: round stochastically when a key is given.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = {"w": jnp.ones(4, jnp.bfloat16), "b": None}
+    >>> u = {"w": jnp.full(4, 2**-10), "b": None}
+    >>> apply_updates(p, u)["w"]              # lost to round-to-nearest
+    Array([1, 1, 1, 1], dtype=bfloat16)
+    >>> new = apply_updates(p, u, jax.random.PRNGKey(3))["w"]
+    >>> set(new.astype(float).tolist()) <= {1.0, 1.0078125}
+    True
+    """
+    import jax
+
+    leaves, treedef = jax.tree.flatten(params, is_leaf=absent)
+    return treedef.unflatten(_add(leaves, treedef.flatten_up_to(updates), key, stochastic))
+
+
+def apply_updates_prefix(model, updates, key=None, stochastic=True):
+    """``apply_updates`` where ``updates`` is a tree *prefix* of ``model`` (Equinox style).
+
+    The structure of ``updates`` is the reference: where it holds ``None`` or a
+    ``MaskedNode``, the whole corresponding subtree of ``model`` (functions, static
+    configuration, frozen arrays) is returned untouched; where it holds an array,
+    the rule of :func:`apply_updates` applies. Keys: one per ``updates`` position.
+
+    Args:
+      model: the model or parameter tree.
+      updates: a tree prefix of ``model`` with arrays where it is trained.
+      key: PRNG key (or int seed) for stochastic rounding; ``None``: round to nearest.
+      stochastic: round stochastically when a key is given.
+
+    >>> import jax.numpy as jnp
+    >>> model = {"w": jnp.ones(2), "act": {"fn": print, "scale": jnp.ones(1)}}
+    >>> new = apply_updates_prefix(model, {"w": jnp.ones(2), "act": None})
+    >>> new["w"], new["act"]["fn"] is print
+    (Array([2., 2.], dtype=float32), True)
+    """
+    import jax
+
+    ups, treedef = jax.tree.flatten(updates, is_leaf=absent)
+    return treedef.unflatten(_add(treedef.flatten_up_to(model), ups, key, stochastic))
+
+
+def _add(targets: list, ups: list, key, stochastic: bool) -> list:
+    import jax.numpy as jnp
+
+    rounding = key is not None and stochastic
+    keys = leaf_keys(as_key(key), len(targets)) if rounding else [None] * len(targets)
+    out = []
+    for p, u, k in zip(targets, ups, keys):
+        if absent(p) or absent(u):
+            out.append(p)
+        elif rounding and jnp.dtype(p.dtype).name in LOW_PRECISION:
+            total = p.astype(jnp.float32) + u.astype(jnp.float32)
+            out.append(Stochastic().cast(total, p.dtype, k))
+        else:
+            out.append(jnp.asarray(p + u).astype(jnp.asarray(p).dtype))
+    return out

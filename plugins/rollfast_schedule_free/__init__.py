@@ -1,1 +1,216 @@
-"""rollfast_schedule_free plugin (in progress)."""
+r"""Schedule-Free averaging around any optimizer, and the WSD learning-rate schedule.
+
+Defazio et al., "The Road Less Scheduled" (arXiv:2405.15682); Pun, Buchholz,
+Gower, "Schedulers for Schedule-free" (arXiv:2511.07767); ALGORITHMS §6.
+
+Three sequences: :math:`z` follows the wrapped optimizer, :math:`x` is a weighted
+average of the :math:`z` iterates (evaluate there), and the parameters the user
+holds are :math:`y = (1-\beta) z + \beta x` (gradients are taken there):
+
+.. math::
+    z_{t+1} = z_t + \Delta_t,\qquad
+    x_{t+1} = (1-c_t)\,x_t + c_t\,z_{t+1},\qquad
+    c_t = \frac{w_t}{\sum_{s\le t} w_s},\quad
+    w_t \in \{1,\ \gamma_t,\ \gamma_t^2\}
+
+for the ``theoretical``, ``schedulet`` and ``practical`` weightings, with
+:math:`\Delta_t` the wrapped optimizer's update at :math:`y_t` (already scaled by
+:math:`-\gamma_t`). Warmup comes from the schedule: small :math:`\gamma_t` gives
+small steps and small weights. :func:`schedule_free_eval_params` recovers
+:math:`x = (y - (1-\beta) z)/\beta`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import rollfast
+
+WEIGHTINGS = ("theoretical", "practical", "schedulet")
+KEY_TAG = 0x5346  # folded into the user's key, so the wrapper's stream differs from the family's
+
+
+@rollfast.hookimpl
+def average(register):
+    register("schedule_free", schedule_free, aliases=("schedulefree", "sf"),
+             references=("Defazio et al., The Road Less Scheduled, arXiv:2405.15682",
+                         "Pun, Buchholz & Gower, Schedulers for Schedule-free, arXiv:2511.07767"))
+    register.export("schedule_free_eval_params", schedule_free_eval_params)
+    register.export("wsd_schedule", wsd_schedule)
+
+
+class ScheduleFreeState(NamedTuple):
+    """Wrapped state, interpolation β, weight sum W, step count, the z sequence, PRNG key."""
+
+    inner_state: object
+    b1: object
+    weight_sum: object
+    step_count: object
+    z: object
+    key: object
+
+
+def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9,
+                  state_dtype=None, key=42):
+    r"""Schedule-Free averaging: hold :math:`y`, step :math:`z`, average into :math:`x`.
+
+    Per step, with :math:`\beta = \max(b_1, 10^{-8})`, :math:`\Delta` the wrapped
+    optimizer's update at :math:`y_t` and :math:`c_t` as in the module docstring,
+    the returned update is
+
+    .. math::
+        y_{t+1} - y_t = (1-\beta)(1-c_t)\,(z_{t+1}-z_t) + c_t\,(z_{t+1} - y_t),
+
+    the closed form of :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}`. ``z`` is
+    stored in ``state_dtype`` (default: the lowest-precision float dtype among the
+    params); bfloat16/float16 ``z`` is written with stochastic rounding. ``params``
+    must be passed to ``update``. A step with a non-finite gradient is skipped.
+
+    Args:
+      learning_rate: the family's learning rate (float or schedule), filled in by
+        ``rollfast.get``; it defines the weights.
+      weighting_mode: ``"schedulet"`` (:math:`w_t=\gamma_t`), ``"practical"``
+        (:math:`\gamma_t^2`) or ``"theoretical"`` (1, a uniform average); any case.
+      sf_b1: interpolation β between the average x (β) and z (1 − β).
+      state_dtype: dtype of the stored z sequence (``None``: lowest-precision param dtype).
+      key: int seed or PRNG key for the stochastic rounding of low-precision z.
+
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.get("adamw", learning_rate=0.1, weight_decay=0.0, average="schedule_free")
+    >>> p = {"w": jnp.zeros(2)}
+    >>> opt.update({"w": jnp.array([1.0, -2.0])}, opt.init(p), p)[0]["w"]   # step 1 = base step
+    Array([-0.1,  0.1], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from rollfast_clip import all_finite, skip_unless
+    from rollfast_rounding import Stochastic, absent, as_key, leaf_keys
+
+    mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"weighting_mode must be one of {', '.join(map(repr, WEIGHTINGS))} "
+                         f"(any case); got {weighting_mode!r}")
+    rounding = Stochastic()
+
+    def init(params):
+        floats = [p.dtype for p in jax.tree.leaves(params) if _is_float(p)]
+        store = jnp.dtype(state_dtype) if state_dtype is not None else min(
+            floats, key=lambda d: jnp.finfo(d).nmant, default=jnp.dtype(jnp.float32))
+        z = jax.tree.map(lambda p: p.astype(store) if _is_float(p) else None, params, is_leaf=absent)
+        return ScheduleFreeState(inner.init(params), jnp.asarray(float(sf_b1)), jnp.asarray(0.0),
+                                 jnp.zeros([], jnp.int32), z, jax.random.fold_in(as_key(key), KEY_TAG))
+
+    def update(grads, state, params=None, **extra):
+        if params is None:
+            raise ValueError("schedule_free needs params: call update(grads, state, params)")
+        t = state.step_count
+        gamma = learning_rate(t) if callable(learning_rate) else learning_rate
+        gamma = jnp.asarray(gamma, state.weight_sum.dtype)
+        weight = {"theoretical": jnp.ones_like(gamma), "practical": gamma * gamma,
+                  "schedulet": gamma}[mode]
+        weight_sum = state.weight_sum + weight
+        c = jnp.where(weight_sum > 0, weight / jnp.maximum(weight_sum, 1e-30), 0.0)
+        beta = jnp.maximum(state.b1, 1e-8)
+        delta, inner_state = inner.update(grads, state.inner_state, params, **extra)
+        key_next, k_round = jax.random.split(state.key)
+
+        flat_y, treedef = jax.tree.flatten(params, is_leaf=absent)
+        out, zs = [], []
+        for y, d, z, k in zip(flat_y, treedef.flatten_up_to(delta), treedef.flatten_up_to(state.z),
+                              leaf_keys(k_round, len(flat_y))):
+            if absent(z):
+                out.append(d)
+                zs.append(z)
+                continue
+            wide = jnp.promote_types(y.dtype, jnp.float32)
+            z_old = z.astype(wide)
+            z_new = rounding.cast(z_old + d.astype(wide), z.dtype, k)
+            step = z_new.astype(wide) - z_old
+            c_w, b_w = c.astype(wide), beta.astype(wide)
+            out.append(((1 - b_w) * (1 - c_w) * step + c_w * (z_new.astype(wide) - y.astype(wide)))
+                       .astype(y.dtype))
+            zs.append(z_new)
+        new = ScheduleFreeState(inner_state, state.b1, weight_sum, t + 1, treedef.unflatten(zs), key_next)
+        return skip_unless(all_finite(grads), treedef.unflatten(out), new, state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def schedule_free_eval_params(state, params):
+    r"""The evaluation sequence :math:`x = (y - (1-\beta)\,z)/\beta` from the held params ``y``.
+
+    ``state`` must be the Schedule-Free state itself, i.e. the optimizer was built
+    with ``average="schedule_free"`` and this is its outermost state.
+
+    Args:
+      state: the outermost optimizer state (a ``ScheduleFreeState``).
+      params: the parameters held during training (``y``).
+
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.get("adamw", learning_rate=0.1, average="schedule_free")
+    >>> p = {"w": jnp.ones(2)}
+    >>> rollfast.schedule_free_eval_params(opt.init(p), p)["w"]
+    Array([1., 1.], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+    from rollfast_rounding import absent
+
+    if not (hasattr(state, "b1") and hasattr(state, "z")):
+        raise ValueError("schedule_free_eval_params needs the Schedule-Free state itself (with "
+                         f"fields b1 and z), i.e. the outermost state; got {type(state).__name__}")
+    beta = jnp.maximum(state.b1, 1e-8)
+    flat_y, treedef = jax.tree.flatten(params, is_leaf=absent)
+
+    def x(y, z):
+        if absent(z):
+            return y
+        wide = jnp.promote_types(y.dtype, jnp.float32)
+        return ((y.astype(wide) - (1 - beta.astype(wide)) * z.astype(wide)) / beta.astype(wide)).astype(y.dtype)
+
+    return treedef.unflatten([x(y, z) for y, z in zip(flat_y, treedef.flatten_up_to(state.z))])
+
+
+def wsd_schedule(peak_lr, total_steps, warmup_fraction=0.1, decay_fraction=0.1):
+    r"""Warmup–stable–decay: linear warmup, constant, linear decay to 0 (rollfast 0.2.1).
+
+    With :math:`T_w = \lfloor T f_w\rfloor`, :math:`T_c = T - \lfloor T f_d\rfloor`,
+    :math:`T_f = T-1` and the 0-based count :math:`n`:
+
+    .. math::
+        \eta(n) = \max\Big(0,\ \begin{cases}
+          \eta_{\max}\,\frac{T_f - n + 1}{T_f - T_c + 1} & n > T_c\\
+          \eta_{\max}\,\frac{n+1}{T_w+1} & n \le T_w\\
+          \eta_{\max} & \text{otherwise}\end{cases}\Big)
+
+    Args:
+      peak_lr: the stable learning rate.
+      total_steps: number of training steps T.
+      warmup_fraction: fraction of T spent warming up.
+      decay_fraction: fraction of T spent decaying.
+
+    >>> lr = wsd_schedule(1.0, 100)
+    >>> [round(float(lr(n)), 4) for n in (0, 10, 90, 91, 99, 100)]
+    [0.0909, 1.0, 1.0, 0.9, 0.1, 0.0]
+    """
+    warmup = int(total_steps * warmup_fraction)
+    stable_end = total_steps - int(total_steps * decay_fraction)
+    final = total_steps - 1
+    decay_len = max(final - stable_end + 1, 1)
+
+    def schedule(count):
+        import jax.numpy as jnp
+
+        n = jnp.asarray(count, jnp.float32)
+        lr = jnp.where(n <= warmup, peak_lr * (n + 1) / (warmup + 1), peak_lr)
+        lr = jnp.where(n > stable_end, peak_lr * (final - n + 1) / decay_len, lr)
+        return jnp.maximum(lr, 0.0)
+
+    return schedule
+
+
+def _is_float(x) -> bool:
+    import jax.numpy as jnp
+
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
