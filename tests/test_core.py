@@ -281,6 +281,6 @@ def test_example_third_party_family_and_mask_are_usable():
     np.testing.assert_allclose(jnp.linalg.norm(updates["w"]), 0.01 * 4.0, rtol=1e-5)
     assert (updates["b"] < 0).all()  # zero-norm parameters keep their own step
     target = {"w": jnp.arange(4.0)}
-    _, _, losses = rollfast.testing.run(rollfast.get("adamod", learning_rate=0.1), {"w": jnp.zeros(4)},
+    _, _, losses = rollfast.testing.run(rollfast.get("adamod", learning_rate=0.1, b3=0.9), {"w": jnp.zeros(4)},
                                         rollfast.testing.quadratic_loss(target), 300)
     assert losses[-1] < 1e-2 * losses[0]
