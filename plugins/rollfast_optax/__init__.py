@@ -1,1 +1,114 @@
-"""rollfast_optax plugin (in progress)."""
+"""Every optimizer of the installed Optax, by name: ``optax:<name>``.
+
+The families are discovered by introspection (see :mod:`rollfast_optax.discovery`
+for the rule), so a newer Optax adds names without a code change. Each family's
+factory has the Optax function's exact signature, docstring, parameters and
+defaults, and builds what the Optax function builds under a leaf guard (``None``
+leaves, tree-valued update arguments, non-finite gradients: see
+:mod:`rollfast_optax.guard`); the numbers are Optax's, bit for bit. Families register with ``priority=-1``: where a first-party
+plugin has the same name (``adam``, ``adamw``) the plain name reaches it, and
+``optax:adamw`` always reaches Optax's.
+
+Registration metadata of every family: ``source`` (the dotted Optax name),
+``update_args`` (extra keywords that ``update`` needs, e.g. ``("value",)`` for
+``polyak_sgd``) and ``first_moment`` (the ``mu`` of the first state of the chain,
+when there is one). Public Optax callables that transform gradients but are not
+optimizers are listed, with the reason, in the export
+``rollfast.optax_catalogue_skipped``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    from rollfast_optax.discovery import catalogue
+
+    entries, skipped = catalogue()
+    for entry in entries:
+        register.family(entry.name, wrap(entry.function, entry.name), priority=-1,
+                        references=references(entry.function), source=entry.source,
+                        update_args=entry.update_args, first_moment=first_moment)
+    register.export("optax_catalogue_skipped", Skipped(skipped))
+
+
+class Skipped(dict):
+    """Public Optax transformations that are not registered as families: dotted name → reason."""
+
+
+def wrap(function, name: str):
+    """A factory named ``name`` with ``function``'s signature and docstring, returning
+    ``function``'s optimizer under :func:`~rollfast_optax.guard.leaf_guard`.
+
+    Args:
+      function: an Optax optimizer (a function or ``functools.partial``).
+      name: the family name.
+
+    >>> import inspect, optax
+    >>> factory = wrap(optax.nadam, "nadam")
+    >>> factory.__name__, inspect.signature(factory).parameters["nesterov"].default
+    ('nadam', True)
+    """
+
+    from rollfast_optax.guard import leaf_guard
+
+    @functools.wraps(function)
+    def factory(*args, **kwargs):
+        return leaf_guard(function(*args, **kwargs))
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = __name__
+    return factory
+
+
+def first_moment(state):
+    """The ``mu`` field of the first state of an Optax chain (or of a single state), else ``None``.
+
+    Args:
+      state: an Optax optimizer state.
+
+    >>> import jax.numpy as jnp, optax
+    >>> first_moment(optax.adam(0.1).init({"w": jnp.ones(2)}))
+    {'w': Array([0., 0.], dtype=float32)}
+    >>> first_moment(optax.sgd(0.1).init({"w": jnp.ones(2)})) is None
+    True
+    """
+    is_chain = isinstance(state, tuple) and not hasattr(state, "_fields")
+    head = state[0] if is_chain and state else state
+    return getattr(head, "mu", None)
+
+
+_SECTION_END = re.compile(r"^(\.\. |\S.*:$)")
+
+
+def references(function) -> tuple[str, ...]:
+    """The paragraphs of the ``References:`` section of ``function``'s docstring.
+
+    Args:
+      function: any documented callable.
+
+    >>> import optax
+    >>> references(optax.lion)[0].startswith("Chen et al")
+    True
+    """
+    lines = (inspect.getdoc(function) or "").splitlines()
+    if "References:" not in lines:
+        return ()
+    out, paragraph = [], []
+    for line in lines[lines.index("References:") + 1:] + [""]:
+        if _SECTION_END.match(line):
+            break
+        if line.strip():
+            paragraph.append(line.strip())
+        elif paragraph:
+            out.append(" ".join(paragraph))
+            paragraph = []
+    if paragraph:
+        out.append(" ".join(paragraph))
+    return tuple(out)
