@@ -1,0 +1,99 @@
+"""QHAdamW: quasi-hyperbolic Adam (Ma & Yarats, 2019, arXiv:1810.06801) with
+decoupled weight decay (Loshchilov & Hutter, arXiv:1711.05101)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from rollfast_contrib._tools import adam_moments, decoupled
+
+REFERENCES = ("Ma & Yarats, Quasi-hyperbolic momentum and Adam for deep learning, arXiv:1810.06801",
+              "Loshchilov & Hutter, Decoupled Weight Decay Regularization, arXiv:1711.05101")
+
+
+class ScaleByQHAdamState(NamedTuple):
+    """Step count and Adam's two moments (float32, parameters' structure)."""
+
+    count: object
+    mu: object
+    nu: object
+
+
+def first_moment(state):
+    """The momentum of a ``qhadamw`` state."""
+    return state[0].mu
+
+
+def scale_by_qhadam(b1=0.995, b2=0.999, nu1=0.7, nu2=1.0, eps=1e-8):
+    r"""Quasi-hyperbolic Adam's direction: each moment is mixed with the raw gradient.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\\
+        u_t = \frac{(1-\nu_1)\, g_t + \nu_1\, m_t/(1-\beta_1^t)}
+                   {\sqrt{(1-\nu_2)\, g_t^2 + \nu_2\, v_t/(1-\beta_2^t)} + \epsilon}
+
+    ``ν1 = ν2 = 1`` is Adam; ``ν1 = 0`` drops momentum from the numerator.
+
+    Args:
+      b1: decay β1 of the first moment.
+      b2: decay β2 of the second moment.
+      nu1: weight ν1 of the momentum against the raw gradient in the numerator.
+      nu2: weight ν2 of the second moment against the squared gradient.
+      eps: added to the denominator.
+
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_qhadam()
+    >>> u, _ = tx.update(jnp.array([2.0, -3.0]), tx.init(jnp.zeros(2)))
+    >>> u
+    Array([ 1., -1.], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+        return ScaleByQHAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                                  jax.tree.map(zeros, params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu, nu = adam_moments(updates, state.mu, state.nu, b1, b2)
+
+        def direction(g, m, v):
+            g32 = g.astype(jnp.float32)
+            num = (1 - nu1) * g32 + nu1 * (m / (1 - b1**count).astype(jnp.float32))
+            den = jnp.sqrt((1 - nu2) * (g32 * g32) + nu2 * (v / (1 - b2**count).astype(jnp.float32)))
+            return (num / (den + eps)).astype(g.dtype)
+
+        return jax.tree.map(direction, updates, mu, nu), ScaleByQHAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def qhadamw(learning_rate, b1=0.995, b2=0.999, nu1=0.7, nu2=1.0, eps=1e-8, weight_decay=0.0,
+            weight_decay_mask=None):
+    r"""QHAdamW: ``-lr·(quasi-hyperbolic Adam direction + λ·θ)``.
+
+    Defaults are the paper's recommendation (β1 = 0.995, ν1 = 0.7, β2 = 0.999,
+    ν2 = 1). Steps with non-finite gradients are skipped.
+
+    Args:
+      learning_rate: step size, a float or an Optax schedule.
+      b1: decay β1 of the first moment.
+      b2: decay β2 of the second moment.
+      nu1: weight ν1 of the momentum against the raw gradient in the numerator.
+      nu2: weight ν2 of the second moment against the squared gradient.
+      eps: added to the denominator.
+      weight_decay: decoupled weight decay λ (float or schedule).
+      weight_decay_mask: pytree or callable ``params -> bool pytree``: where to decay.
+
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.get("qhadamw", learning_rate=0.1)
+    >>> p = {"w": jnp.array([1.0, -1.0])}
+    >>> opt.update({"w": jnp.array([3.0, -0.5])}, opt.init(p), p)[0]["w"]
+    Array([-0.1,  0.1], dtype=float32)
+    """
+    return decoupled(scale_by_qhadam(b1, b2, nu1, nu2, eps), learning_rate, weight_decay,
+                     weight_decay_mask)
