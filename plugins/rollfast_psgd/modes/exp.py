@@ -1,1 +1,35 @@
-"""PSGD Kron mode (in progress)."""
+"""EXP: the exponential-map (geodesic) step ``Q·exp(−ηÊ)``."""
+
+from __future__ import annotations
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    register.mode("kron", "EXP", update_dense=exp_dense,
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+
+
+def exp_dense(q, terms):
+    r"""Right multiplication by the matrix exponential of the whitening error.
+
+    .. math::
+        Q \leftarrow \operatorname{sym}\bigl(Q\,\exp(-\eta \hat E)\bigr),\quad
+        \hat E = \operatorname{sym}(T_1) - T_2 I
+
+    Args:
+      q: the ``(d, d)`` factor.
+      terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
+
+    >>> import jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> exp_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 2, 1.0, jnp.log(2.0), 3.0, None, 5))
+    Array([[0.5, 0. ],
+           [0. , 0.5]], dtype=float32)
+    """
+    from jax.scipy.linalg import expm
+
+    from rollfast_psgd.linalg import sym, whitening_error
+
+    return sym(q @ expm(-terms.eta * whitening_error(terms)))

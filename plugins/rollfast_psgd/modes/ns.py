@@ -1,1 +1,37 @@
-"""PSGD Kron mode (in progress)."""
+"""NS: a Euclidean step ``(I − ηE)Q`` projected onto ``(QᵀQ)^{1/2}`` by Newton–Schulz."""
+
+from __future__ import annotations
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    register.mode("kron", "NS", update_dense=ns_dense,
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+
+
+def ns_dense(q, terms):
+    r"""Step, then polar projection onto the SPD cone.
+
+    .. math::
+        Q' = Q - \eta (T_1 - T_2 I) Q,\qquad Q \leftarrow (Q'^T Q')^{1/2}
+        \ \text{(``newton_schulz_iters`` Newton–Schulz steps)}
+
+    The result is exactly symmetric. Newton–Schulz from :math:`Q'/\|Q'\|` converges
+    slowly for ill-conditioned :math:`Q'` (small singular values shrink).
+
+    Args:
+      q: the ``(d, d)`` factor.
+      terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> t = FactorTerms(jnp.eye(2) * 3, 1.0, 0.25, 4.0, jax.random.PRNGKey(0), 5)
+    >>> ns_dense(jnp.eye(2), t)
+    Array([[0.5, 0. ],
+           [0. , 0.5]], dtype=float32)
+    """
+    from rollfast_psgd.linalg import ns_spd
+
+    return ns_spd(q - terms.eta * (terms.t1 @ q - terms.t2 * q), terms.key, terms.newton_schulz_iters)

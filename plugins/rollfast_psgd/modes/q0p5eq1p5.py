@@ -1,1 +1,37 @@
-"""PSGD Kron mode (in progress)."""
+"""Q0.5EQ1.5 (the default): a Euclidean step ``(I − ηE)Q`` re-symmetrised by one
+online Procrustes rotation."""
+
+from __future__ import annotations
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    register.mode("kron", "Q0.5EQ1.5", update_dense=q0p5eq1p5_dense, aliases=("Q0p5EQ1p5",),
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+
+
+def q0p5eq1p5_dense(q, terms):
+    r"""Li's :math:`dQ = Q^{0.5} E Q^{1.5}` form via a step and a rotation.
+
+    .. math::
+        Q \leftarrow \operatorname{procrustes}\bigl(Q - \eta (T_1 - T_2 I) Q\bigr)
+
+    With :math:`Q` symmetric, the rotation restores symmetry, keeping :math:`Q \approx P^{1/2}`
+    without triangular solves; fixed point :math:`G_i(Ph) + \delta = (n/d) I`.
+
+    Args:
+      q: the ``(d, d)`` factor.
+      terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> t = FactorTerms(jnp.eye(2) * 3, 1.0, 0.25, 4.0, jax.random.PRNGKey(0), 5)
+    >>> q0p5eq1p5_dense(jnp.eye(2), t)
+    Array([[0.5, 0. ],
+           [0. , 0.5]], dtype=float32)
+    """
+    from rollfast_psgd.linalg import procrustes
+
+    return procrustes(q - terms.eta * (terms.t1 @ q - terms.t2 * q), terms.key)

@@ -1,1 +1,35 @@
-"""PSGD Kron mode (in progress)."""
+"""QUAD: the symmetric two-sided step ``(I − ½ηE) Q (I − ½ηE)``."""
+
+from __future__ import annotations
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    register.mode("kron", "QUAD", update_dense=quad_dense,
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+
+
+def quad_dense(q, terms):
+    r"""Quadratic-form update, symmetric and (for small :math:`\eta E`) positive definite.
+
+    .. math::
+        Q \leftarrow \operatorname{sym}\bigl((I - \tfrac12\eta E)\,Q\,(I - \tfrac12\eta E)\bigr),
+        \quad E = T_1 - T_2 I
+
+    Args:
+      q: the ``(d, d)`` factor.
+      terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
+
+    >>> import jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> quad_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 3, 1.0, 0.5, 4.0, None, 5))
+    Array([[0.25, 0.  ],
+           [0.  , 0.25]], dtype=float32)
+    """
+    from rollfast_psgd.linalg import sym
+
+    half = 0.5 * terms.eta
+    left = q - half * (terms.t1 @ q - terms.t2 * q)
+    return sym(left - half * (left @ terms.t1 - terms.t2 * left))

@@ -1,1 +1,42 @@
-"""PSGD Kron mode (in progress)."""
+"""TAYLOR2: the second-order Taylor truncation of the exponential map, fitted on ``Q·h``."""
+
+from __future__ import annotations
+
+import rollfast
+
+
+@rollfast.hookimpl
+def precondition(register):
+    register.mode("kron", "TAYLOR2", update_dense=taylor2_dense, statistic="Qh",
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+
+
+def taylor2_dense(q, terms):
+    r"""Capped second-order step :math:`Q(I - H + H^2/2)`.
+
+    .. math::
+        \hat E = \operatorname{sym}(T_1) - T_2 I,\quad
+        H = \min\bigl(\eta, \tfrac{0.5}{\ell - T_2}\bigr)\hat E,\quad
+        Q \leftarrow \operatorname{sym}\bigl(Q (I - H (I - \tfrac12 H))\bigr)
+
+    The statistic is :math:`X = Qh`, so the fixed point is :math:`Q E[hh^T] Q^T = (n/d)I`
+    (:math:`P \approx E[hh^T]^{-1}`, not :math:`E[hh^T]^{-1/2}`), as in the reference.
+
+    Args:
+      q: the ``(d, d)`` factor.
+      terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
+
+    >>> import jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> taylor2_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 2, 1.0, 0.5, 3.0, None, 5))
+    Array([[0.78125, 0.     ],
+           [0.     , 0.78125]], dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    from rollfast_psgd.linalg import sym, whitening_error
+
+    eye = jnp.eye(q.shape[0], dtype=q.dtype)
+    cap = 0.5 / (terms.bound - terms.t2 + jnp.finfo(jnp.float32).tiny)
+    h = jnp.minimum(terms.eta, cap) * whitening_error(terms)
+    return sym(q @ (eye - h @ (eye - 0.5 * h)))

@@ -1,0 +1,340 @@
+"""Kronecker factors of one leaf: layout, applying Q and P, Gram terms, and the
+common part of a factor update (curvature bound, Lipschitz step size, diagonal rule,
+balancing). A mode supplies only the dense geometry (see the package docstring).
+
+Everything here works on one un-stacked leaf in float32; scanned leaves are mapped
+over their leading axis by the caller. A scalar leaf is viewed as shape ``(1,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+STATISTICS = ("Ph", "Qh")
+MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+MAX_NDIM = 13
+
+
+class FactorTerms(NamedTuple):
+    """What the family computed for one factor; the input of a mode's update.
+
+    ``t1``: Gram of the statistic along the factor's axis (``+ damping`` unless the mode
+    uses the inverse probe); ``t2``: ``n/d`` (a scalar) or the Gram of ``Q^{-T}v``;
+    ``eta``: the normalised step; ``bound``: the curvature bound ℓ of this update;
+    ``key``: a PRNG key for the geometry; ``newton_schulz_iters``: the family option.
+    """
+
+    t1: object
+    t2: object
+    eta: object
+    bound: object
+    key: object
+    newton_schulz_iters: int
+
+
+class ModeSpec(NamedTuple):
+    """A mode's geometry, read from the ``impl`` keywords it registered."""
+
+    update_dense: Callable
+    update_diag: Callable | None = None
+    statistic: str = "Ph"
+    inverse_probe: bool = False
+
+
+def mode_spec(impl) -> ModeSpec:
+    """Validate a registered mode's ``impl`` mapping and build its :class:`ModeSpec`.
+
+    Args:
+      impl: the keywords the mode passed to ``register.mode``.
+
+    >>> mode_spec({"update_dense": abs}).statistic
+    'Ph'
+    """
+    unknown = sorted(set(impl) - set(ModeSpec._fields))
+    if unknown or "update_dense" not in impl:
+        raise TypeError(f"a kron mode registers update_dense= and optionally {ModeSpec._fields[1:]}; "
+                        f"got {sorted(impl)}")
+    spec = ModeSpec(**impl)
+    if spec.statistic not in STATISTICS:
+        raise ValueError(f"kron mode statistic must be one of {STATISTICS}, got {spec.statistic!r}")
+    return spec
+
+
+def layout(shape, max_size_triangular, max_skew_triangular, min_ndim_triangular,
+           memory_save_mode) -> tuple[bool, ...]:
+    """Which factors of a leaf of ``shape`` are dense (True) or diagonal (False).
+
+    A factor is diagonal if ``d ≤ 1``, ``d > max_size_triangular``,
+    ``d² > max_skew_triangular · n``, the leaf has fewer than ``min_ndim_triangular``
+    axes, or ``memory_save_mode`` forces it (``"one_diag"``: the largest axis, the last
+    among equals; ``"all_diag"``: every axis).
+
+    Args:
+      shape: the (un-stacked) leaf shape; ``()`` is treated as ``(1,)``.
+      max_size_triangular: largest dense factor.
+      max_skew_triangular: skew limit of dense factors.
+      min_ndim_triangular: fewest axes for any dense factor.
+      memory_save_mode: ``None``, ``"one_diag"`` or ``"all_diag"``.
+
+    >>> layout((1024, 4096), 8192, 1.0, 2, None)
+    (True, False)
+    """
+    if memory_save_mode not in MEMORY_SAVE_MODES:
+        raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {memory_save_mode!r}")
+    shape = tuple(shape) or (1,)
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"kron supports leaves of at most {MAX_NDIM} dimensions, got shape {shape}")
+    n = 1
+    for d in shape:
+        n *= d
+    forced = set()
+    if memory_save_mode == "one_diag":
+        forced = {max(range(len(shape)), key=lambda i: (shape[i], i))}
+    elif memory_save_mode == "all_diag":
+        forced = set(range(len(shape)))
+    return tuple(not (d <= 1 or d > max_size_triangular or d * d > max_skew_triangular * n
+                      or len(shape) < min_ndim_triangular or i in forced)
+                 for i, d in enumerate(shape))
+
+
+def init_factors(shape, dense, scale) -> tuple:
+    """Factors of a leaf at ``scale^{1/k}·I`` (dense) or ``scale^{1/k}·1`` (diagonal).
+
+    Args:
+      shape: the (un-stacked) leaf shape.
+      dense: its :func:`layout`.
+      scale: the initial scale ``s`` of ``P = s²I``.
+
+    >>> [f.shape for f in init_factors((3, 2), (True, False), 1.0)]
+    [(3, 3), (2,)]
+    """
+    import jax.numpy as jnp
+
+    shape = tuple(shape) or (1,)
+    root = scale ** (1 / len(shape))
+    return tuple(root * (jnp.eye(d) if is_dense else jnp.ones(d)) for d, is_dense in zip(shape, dense))
+
+
+def along(m, x, axis):
+    """Apply ``m`` to ``x`` along ``axis``: a matrix contracts ``m[a,b]·x[…,b,…]``, a
+    vector multiplies elementwise.
+
+    Args:
+      m: a ``(d, d)`` matrix or a ``(d,)`` vector.
+      x: the tensor.
+      axis: the axis of length ``d``.
+
+    >>> import jax.numpy as jnp
+    >>> along(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([[1.0, 2.0]]), 1)
+    Array([[2., 1.]], dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    if m.ndim == 1:
+        return x * m.reshape((-1,) + (1,) * (x.ndim - axis - 1))
+    if axis == x.ndim - 1:
+        return x @ m.T
+    return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
+
+
+def apply_all(mats, x):
+    """Apply one matrix or vector per axis: ``Q·X`` from the factors, ``P·X`` from
+    :func:`preconditioner`.
+
+    Args:
+      mats: one matrix or vector per axis of ``x``.
+      x: the tensor.
+
+    >>> import jax.numpy as jnp
+    >>> apply_all([jnp.array([2.0]), jnp.array([3.0, 1.0])], jnp.ones((1, 2)))
+    Array([[6., 2.]], dtype=float32)
+    """
+    for axis, m in enumerate(mats):
+        x = along(m, x, axis)
+    return x
+
+
+def preconditioner(qs) -> list:
+    """Per axis, ``P_i = Q_iᵀQ_i`` (dense) or ``q_i²`` (diagonal).
+
+    Args:
+      qs: the factors of a leaf.
+
+    >>> import jax.numpy as jnp
+    >>> preconditioner([jnp.array([[1.0, 1.0], [0.0, 1.0]])])[0]
+    Array([[1., 1.],
+           [1., 2.]], dtype=float32)
+    """
+    return [q.T @ q if q.ndim == 2 else q * q for q in qs]
+
+
+def inverse_probe(qs, v):
+    """``B = Q^{-T}·v``: per axis solve ``Q_iᵀ Y = V`` (upper-triangular dense factors) or
+    divide by ``q_i``.
+
+    Args:
+      qs: the factors (dense ones upper triangular).
+      v: the probe noise.
+
+    >>> import jax.numpy as jnp
+    >>> inverse_probe([jnp.array([[2.0, 0.0], [0.0, 4.0]])], jnp.ones(2))
+    Array([0.5 , 0.25], dtype=float32)
+    """
+    import jax.numpy as jnp
+    from jax.scipy.linalg import solve_triangular
+
+    for axis, q in enumerate(qs):
+        if q.ndim == 1:
+            v = v / q.reshape((-1,) + (1,) * (v.ndim - axis - 1))
+            continue
+        moved = jnp.moveaxis(v, axis, 0)
+        solved = solve_triangular(q, moved.reshape(q.shape[0], -1), trans="T", lower=False)
+        v = jnp.moveaxis(solved.reshape(moved.shape), 0, axis)
+    return v
+
+
+def gram(z, axis, dense):
+    """``G_i(Z)``: ``Z_(i) Z_(i)ᵀ`` (dense) or the squared norms of the rows of ``Z_(i)``.
+
+    Args:
+      z: the tensor.
+      axis: the factor's axis.
+      dense: whether the factor is dense.
+
+    >>> import jax.numpy as jnp
+    >>> gram(jnp.array([[1.0, 2.0], [0.0, 3.0]]), 0, False)
+    Array([5., 9.], dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    others = tuple(i for i in range(z.ndim) if i != axis)
+    if not dense:
+        return jnp.sum(z * z, axis=others)
+    return jnp.tensordot(z, z, axes=(others, others))
+
+
+def diag_step(q, terms):
+    r"""The diagonal rule of every mode: :math:`q \leftarrow |q \odot (1 - \eta (T_1 - T_2))|`.
+
+    Args:
+      q: the diagonal factor.
+      terms: its :class:`FactorTerms`.
+
+    >>> import jax.numpy as jnp
+    >>> diag_step(jnp.ones(2), FactorTerms(jnp.array([3.0, 1.0]), 1.0, 0.5, 4.0, None, 5))
+    Array([0., 1.], dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    return jnp.abs(q * (1 - terms.eta * (terms.t1 - terms.t2)))
+
+
+class UpdateConfig(NamedTuple):
+    """Family options a factor update reads."""
+
+    spec: ModeSpec
+    preconditioner_lr: float
+    beta_lipschitz: float
+    track_lipschitz: bool
+    damping: float
+    newton_schulz_iters: int
+    axis_name: object = None
+
+
+def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
+    r"""One preconditioner update of a leaf's factors (float32, un-stacked leaf).
+
+    The statistic :math:`X = Qh` or :math:`Ph` (and :math:`B = Q^{-T}v` for inverse-probe
+    modes) is formed once from the old factors. Per factor: :math:`T_1 = G_i(X)` (mean
+    over ``axis_name``), :math:`T_2 = G_i(B)` or, with :math:`T_1 \mathrel{+}= \delta`,
+    :math:`n/d_i`; the bound :math:`\ell` is ``nlb_spd`` of :math:`T_1+T_2`
+    (:math:`\mathrm{nlb}(T_1)+T_2` for scalar :math:`T_2`) or :math:`\max(T_1+T_2)` for a
+    diagonal factor (max over ``axis_name``); :math:`L \leftarrow \max(\beta L +
+    (1-\beta)\ell, \ell)`, :math:`\eta = \eta_0/L` (or :math:`\eta_0/\ell`). Then the mode
+    moves the factor; with ``balance`` every factor is rescaled to the geometric mean of
+    the max-abs entries (the Kronecker product is unchanged).
+
+    Args:
+      qs: the factors (float32).
+      ls: their Lipschitz estimates, or ``None``.
+      h: the probe gradient.
+      v: the probe noise.
+      key: the leaf's key (split into one per factor, then into bound and geometry keys).
+      balance: a boolean scalar.
+      cfg: the :class:`UpdateConfig`.
+
+    Returns:
+      ``(new_qs, new_ls)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from rollfast_psgd.factors import UpdateConfig, mode_spec
+    >>> cfg = UpdateConfig(mode_spec({"update_dense": lambda q, t: q}), 0.1, 0.9, True, 1e-9, 5)
+    >>> qs, ls = update_factors([jnp.ones(2)], [jnp.zeros([])], jnp.zeros(2), jnp.ones(2),
+    ...                         jax.random.PRNGKey(0), False, cfg)
+    >>> qs[0]
+    Array([1.1, 1.1], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from rollfast_psgd.linalg import nlb_spd
+
+    spec = cfg.spec
+    tiny = jnp.finfo(jnp.float32).tiny
+    x = apply_all(qs if spec.statistic == "Qh" else preconditioner(qs), h)
+    b = inverse_probe(qs, v) if spec.inverse_probe else None
+    mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
+    new_qs, new_ls = [], []
+    for i, (q, k) in enumerate(zip(qs, jax.random.split(key, len(qs)))):
+        dense = q.ndim == 2
+        k_norm, k_geom = jax.random.split(k)
+        t1 = mean(gram(x, i, dense))
+        if b is None:
+            t1, t2 = t1 + cfg.damping, jnp.float32(h.size / q.shape[0])
+        else:
+            t2 = mean(gram(b, i, dense))
+        if not dense:
+            bound = jnp.max(t1 + t2)
+        elif b is None:
+            bound = nlb_spd(t1, k_norm) + t2
+        else:
+            bound = nlb_spd(t1 + t2, k_norm)
+        if cfg.axis_name:
+            bound = jax.lax.pmax(bound, cfg.axis_name)
+        if cfg.track_lipschitz:
+            l_new = jnp.maximum(cfg.beta_lipschitz * ls[i] + (1 - cfg.beta_lipschitz) * bound, bound)
+            eta = cfg.preconditioner_lr / jnp.maximum(l_new, tiny)
+            new_ls.append(l_new)
+        else:
+            eta = cfg.preconditioner_lr / (bound + tiny)
+        terms = FactorTerms(t1, t2, eta, bound, k_geom, cfg.newton_schulz_iters)
+        move = spec.update_dense if dense else (spec.update_diag or diag_step)
+        new_qs.append(move(q, terms).astype(jnp.float32))
+    if len(new_qs) > 1:
+        new_qs = balanced(new_qs, balance, cfg.axis_name)
+    return new_qs, (new_ls if cfg.track_lipschitz else ls)
+
+
+def balanced(qs, when, axis_name=None):
+    r"""Rescale factors to a common max-abs entry :math:`\bar\nu = (\prod_i \nu_i)^{1/k}`,
+    :math:`\nu_i = \max|Q_i|`, where ``when`` is true (the Kronecker product is unchanged).
+
+    Args:
+      qs: the factors of a leaf.
+      when: a boolean scalar.
+      axis_name: reduce the max over this axis, if given.
+
+    >>> import jax.numpy as jnp
+    >>> balanced([jnp.array([4.0]), jnp.array([1.0])], True)
+    [Array([2.], dtype=float32), Array([2.], dtype=float32)]
+    """
+    import jax
+    import jax.numpy as jnp
+
+    nus = jnp.stack([jnp.max(jnp.abs(q)) for q in qs])
+    if axis_name:
+        nus = jax.lax.pmax(nus, axis_name)
+    positive = jnp.all(nus > 0)
+    nus = jnp.where(positive, nus, 1.0)
+    scales = jnp.where(when & positive, jnp.exp(jnp.mean(jnp.log(nus))) / nus, 1.0)
+    return [q * s for q, s in zip(qs, scales)]

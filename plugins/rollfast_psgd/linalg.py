@@ -1,0 +1,162 @@
+"""Matrix building blocks of the PSGD factor updates (float32, jit-friendly).
+
+Modes of the ``kron`` family (first- or third-party) import these: a randomised
+spectral-norm lower bound for PSD and skew-symmetric matrices, the online
+Procrustes rotation towards the symmetric member of ``{U Q}``, and the
+Newton–Schulz polar projection onto ``(QᵀQ)^{1/2}``.
+"""
+
+from __future__ import annotations
+
+PROBES = 32
+PROCRUSTES_MAX_STEP = 0.125
+
+
+def sym(a):
+    r"""Symmetric part :math:`(A + A^T)/2`.
+
+    Args:
+      a: a square matrix.
+
+    >>> import jax.numpy as jnp
+    >>> sym(jnp.array([[1.0, 2.0], [0.0, 1.0]]))
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
+    """
+    return (a + a.T) / 2
+
+
+def _power_bound(a, scale, key):
+    import jax
+    import jax.numpy as jnp
+
+    tiny = jnp.finfo(a.dtype).tiny
+    a = a / scale
+    row = a[jnp.argmax(jnp.sum(a * a, axis=1))]
+    v = jax.random.normal(key, (PROBES, a.shape[0]), jnp.float32).astype(a.dtype)
+    v = row + jnp.sign(v @ row)[:, None] * v
+    for _ in range(2):
+        v = v @ a
+        v = v / (jnp.linalg.norm(v, axis=1, keepdims=True) + tiny)
+        v = v @ a
+    return scale * jnp.max(jnp.linalg.norm(v, axis=1))
+
+
+def nlb_spd(a, key):
+    r"""Randomised lower bound of the spectral norm of a PSD matrix.
+
+    With :math:`c = \max_j A_{jj}`, :math:`\hat A = A/c` and 32 probe rows seeded by the
+    heaviest row of :math:`\hat A` plus Gaussian noise of ``key``, two rounds of
+    :math:`V \leftarrow V\hat A;\ V_r \leftarrow V_r/\|V_r\|;\ V \leftarrow V\hat A` give
+    :math:`c \max_r \|V_r\| \le \|A\|_2`.
+
+    Args:
+      a: a symmetric positive semi-definite matrix.
+      key: PRNG key of the probe rows.
+
+    >>> import jax, jax.numpy as jnp
+    >>> nlb_spd(jnp.diag(jnp.array([4.0, 1.0])), jax.random.PRNGKey(0))
+    Array(4., dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    return _power_bound(a, jnp.max(jnp.diagonal(a)) + jnp.finfo(a.dtype).tiny, key)
+
+
+def nlb_skh(a, key):
+    r"""Randomised lower bound of the spectral norm of a skew-symmetric matrix
+    (as :func:`nlb_spd`, normalised by :math:`\max |A_{ij}|`).
+
+    Args:
+      a: a skew-symmetric matrix.
+      key: PRNG key of the probe rows.
+
+    >>> import jax, jax.numpy as jnp
+    >>> nlb_skh(jnp.array([[0.0, 3.0], [-3.0, 0.0]]), jax.random.PRNGKey(0))
+    Array(3., dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    return _power_bound(a, jnp.max(jnp.abs(a)) + jnp.finfo(a.dtype).tiny, key)
+
+
+def procrustes(q, key):
+    r"""One online Procrustes step rotating ``q`` towards the symmetric member of its orbit.
+
+    .. math::
+        R = \frac{Q^T - Q}{\|Q^T - Q\|},\quad t_1 = \operatorname{tr}(RQ),\
+        t_2 = \operatorname{tr}(R^2Q),\quad
+        a = \min(-t_1/t_2, 1/8)\ (t_2<0),\ \text{else } 1/8,\quad
+        Q \leftarrow (I + aR + \tfrac{a^2}{2}R^2)\,Q
+
+    a second-order step along :math:`e^{aR}` that increases :math:`\operatorname{tr}(UQ)`.
+    A symmetric ``q`` is a fixed point.
+
+    Args:
+      q: a square matrix.
+      key: PRNG key of the norm bound.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> bool(jnp.all(procrustes(q, jax.random.PRNGKey(0)) == q))
+    True
+    """
+    import jax.numpy as jnp
+
+    tiny = jnp.finfo(q.dtype).tiny
+    r = q.T - q
+    r = r / (nlb_skh(r, key) + tiny)
+    rq = r @ q
+    rrq = r @ rq
+    t1, t2 = jnp.trace(rq), jnp.trace(rrq)
+    a = jnp.where(t2 < 0, jnp.minimum(-t1 / jnp.where(t2 < 0, t2, -1.0), PROCRUSTES_MAX_STEP),
+                  PROCRUSTES_MAX_STEP)
+    return q + a * (rq + (a / 2) * rrq)
+
+
+def ns_spd(q, key, iters):
+    r"""Project ``q`` onto the SPD matrix :math:`(Q^TQ)^{1/2}` with Newton–Schulz.
+
+    .. math::
+        X_0 = Q/\sigma,\quad X \leftarrow \tfrac12 X (3I - X^TX)\ (\text{iters times}),
+        \quad Q \leftarrow \operatorname{sym}(X^T Q)
+
+    where :math:`\sigma^2` is :func:`nlb_spd` of :math:`Q^TQ`; :math:`X` tends to the
+    orthogonal polar factor of :math:`Q`.
+
+    Args:
+      q: a square matrix.
+      key: PRNG key of the norm bound.
+      iters: number of Newton–Schulz iterations.
+
+    >>> import jax, jax.numpy as jnp
+    >>> ns_spd(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jax.random.PRNGKey(0), 5)
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    sigma = jnp.sqrt(nlb_spd(q.T @ q, key))
+    x = q / (sigma + jnp.finfo(jnp.float32).eps)
+    eye = jnp.eye(q.shape[0], dtype=q.dtype)
+    for _ in range(iters):
+        x = 0.5 * x @ (3 * eye - x.T @ x)
+    return sym(x.T @ q)
+
+
+def whitening_error(terms):
+    r"""The symmetric whitening error :math:`\hat E = \operatorname{sym}(T_1) - T_2 I`
+    of a dense factor's terms (zero at the fixed point).
+
+    Args:
+      terms: the :class:`~rollfast_psgd.factors.FactorTerms` of one dense factor.
+
+    >>> import jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> whitening_error(FactorTerms(jnp.eye(2) * 3, 2.0, 0.1, 3.0, None, 5))
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+    """
+    import jax.numpy as jnp
+
+    return sym(terms.t1) - terms.t2 * jnp.eye(terms.t1.shape[0], dtype=terms.t1.dtype)

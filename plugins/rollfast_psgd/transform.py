@@ -1,0 +1,312 @@
+"""``scale_by_kron``: the PSGD Kron pipeline as one Optax transformation.
+
+Per step: spike clip → momentum → lazy scale init → (with probability ``p``) one
+preconditioner update by the chosen mode → ``u = P·m`` → update clipping. A step whose
+gradient is not finite, or a spike that is skipped, returns zero updates and leaves the
+state exactly as it was.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from rollfast_psgd.factors import MEMORY_SAVE_MODES, UpdateConfig, mode_spec
+from rollfast_psgd.schedule import precond_update_prob_schedule
+
+GRAD_CLIP_MODES = ("per_tensor_rms", "global_rms")
+BALANCE_PROBABILITY = 0.01
+
+
+class KronState(NamedTuple):
+    """State of :func:`scale_by_kron` (arrays only).
+
+    ``mu``: momentum like params in ``mu_dtype`` (``None`` when ``b1 <= 0``); ``qs``: per
+    leaf a tuple of factors (``(d, d)`` dense, ``(d,)`` diagonal; scalar leaves ``(1,)``;
+    scanned leaves with a leading layer axis) in ``precond_dtype``; ``ls``: per factor
+    Lipschitz estimates (``None`` without ``track_lipschitz``).
+    """
+
+    count: object
+    mu: object
+    qs: object
+    ls: object
+    needs_scale_init: object
+    key: object
+
+
+def scale_by_kron(
+    b1=0.9,
+    preconditioner_update_probability=precond_update_prob_schedule(),
+    max_size_triangular=8192,
+    max_skew_triangular=1.0,
+    min_ndim_triangular=2,
+    memory_save_mode=None,
+    whiten_grad=True,
+    update_preconditioner_first=True,
+    preconditioner_lr=0.1,
+    preconditioner_init_scale=None,
+    mu_dtype=None,
+    precond_dtype=None,
+    precond_update_precision="tensorfloat32",
+    precond_grads_precision=None,
+    scanned_layers=None,
+    lax_map_scanned_layers=False,
+    lax_map_batch_size=8,
+    mode="Q0.5EQ1.5",
+    beta_lipschitz=0.9,
+    track_lipschitz=True,
+    damping=1e-9,
+    grad_clip_max_amps=(2.0, 10.0),
+    grad_clip_mode="per_tensor_rms",
+    raw_global_grad_clip=None,
+    permissive_spike_protection=True,
+    newton_schulz_iters=5,
+    axis_name=None,
+    round="nearest",
+    key=42,
+):
+    r"""Precondition the momentum with a Kronecker-factored PSGD preconditioner.
+
+    .. math::
+        m_t = (1-\beta_t) g_t + \beta_t m_{t-1},\ \beta_t = \min(\tfrac{t-1}{t}, b_1),\qquad
+        u_t = \operatorname{clip}(P m_t),\ P = Q^TQ,\ Q = Q_1\otimes\dots\otimes Q_k
+
+    and, with probability :math:`p(t)`, each factor first moves towards whitening the
+    probe :math:`h = g + (\delta + \epsilon|g|) v`, :math:`v\sim N(0,I)`: the mode's
+    geometry applied to the error :math:`G_i(Ph) + \delta - \tfrac{n}{d_i} I` (or its EQ /
+    TAYLOR2 variants), with step :math:`\eta_0/L`, :math:`L` a running max of the
+    curvature bound :math:`\ell`.
+
+    Args:
+      b1: momentum (``β_t = min(t/(1+t), b1)``); ``<= 0`` uses the gradient.
+      preconditioner_update_probability: float or schedule ``step -> p`` (default:
+        :func:`precond_update_prob_schedule`).
+      max_size_triangular: axes longer than this get a diagonal factor.
+      max_skew_triangular: an axis with ``d² > max_skew_triangular · n`` gets a diagonal factor.
+      min_ndim_triangular: leaves with fewer axes get only diagonal factors.
+      memory_save_mode: ``None``, ``"one_diag"`` (largest axis diagonal) or ``"all_diag"``.
+      whiten_grad: fit P to the gradient (True) or to the momentum (False, needs ``b1 > 0``).
+      update_preconditioner_first: precondition with this step's updated factors.
+      preconditioner_lr: base step η₀ of the factor updates.
+      preconditioner_init_scale: initial ``s`` of ``P = s²I``; ``None`` estimates
+        ``s = (max_leaf mean g⁴ + damping⁴)^{-1/8}`` from the first gradient.
+      mu_dtype: momentum storage dtype (``None``: float32).
+      precond_dtype: factor storage dtype (``None``: float32).
+      precond_update_precision: matmul precision of the factor updates.
+      precond_grads_precision: matmul precision of ``P·m`` (``None``: JAX default).
+      scanned_layers: bool pytree (or ``params -> pytree``) marking leaves stacked on
+        their leading axis; each layer gets its own factors.
+      lax_map_scanned_layers: map scanned layers with ``lax.map`` instead of ``vmap``.
+      lax_map_batch_size: ``lax.map`` batch size (``<= 1``: unbatched).
+      mode: the factor geometry, a registered kron mode (``rollfast list``).
+      beta_lipschitz: decay of the Lipschitz estimate ``L``.
+      track_lipschitz: normalise by the running ``L`` (True) or by this update's bound.
+      damping: probe noise floor δ, added to ``G_i(Ph)``, and in the init-scale estimate.
+      grad_clip_max_amps: ``(rms, elementwise)`` caps of the update; a number means
+        ``(number, 10.0)``.
+      grad_clip_mode: ``"per_tensor_rms"`` or ``"global_rms"``.
+      raw_global_grad_clip: clip the raw gradient to this global L2 norm (a "spike").
+      permissive_spike_protection: while ``p >= 1`` spikes are clipped, not skipped.
+      newton_schulz_iters: iterations of the NS mode's polar projection.
+      axis_name: mapped axis over which statistics are averaged and bounds maxed.
+      round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
+      key: int seed or PRNG key; all randomness flows from it.
+
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_kron(b1=0.0, preconditioner_update_probability=0.0,
+    ...                    preconditioner_init_scale=2.0)
+    >>> tx.update({"w": jnp.full((2, 2), 0.25)}, tx.init({"w": jnp.zeros((2, 2))}))[0]["w"]
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    spec = mode_spec(_mode_record(mode).impl)
+    rounding = _rounding(round)
+    if grad_clip_mode not in GRAD_CLIP_MODES:
+        raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {grad_clip_mode!r}")
+    if memory_save_mode not in MEMORY_SAVE_MODES:
+        raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {memory_save_mode!r}")
+    if not whiten_grad and b1 <= 0:
+        raise ValueError("whiten_grad=False whitens the momentum and needs b1 > 0")
+    if isinstance(grad_clip_max_amps, (int, float)):
+        grad_clip_max_amps = (float(grad_clip_max_amps), 10.0)
+    rms_cap, elem_cap = grad_clip_max_amps
+    mu_store = jnp.dtype(mu_dtype or jnp.float32)
+    q_store = jnp.dtype(precond_dtype or jnp.float32)
+    f32 = jnp.float32
+    tiny = jnp.finfo(f32).tiny
+    cfg = UpdateConfig(spec, preconditioner_lr, beta_lipschitz, track_lipschitz, damping,
+                       newton_schulz_iters, axis_name)
+    reduce = lambda op, x: op(x, axis_name) if axis_name else x
+
+    def plans(tree):
+        from rollfast_psgd.factors import layout
+
+        leaves = jax.tree.leaves(tree)
+        flags = _scanned_flags(tree, scanned_layers, len(leaves))
+        return [(s, layout(p.shape[1:] if s else p.shape, max_size_triangular, max_skew_triangular,
+                           min_ndim_triangular, memory_save_mode)) for p, s in zip(leaves, flags)]
+
+    def view(x, scanned):
+        shape = x.shape[1:] if scanned else x.shape
+        return x.reshape(x.shape[:1] * scanned + (shape or (1,)))
+
+    def per_layer(fn, scanned):
+        if not scanned:
+            return fn
+        if lax_map_scanned_layers:
+            batch = lax_map_batch_size if lax_map_batch_size > 1 else None
+            return lambda *args: jax.lax.map(lambda a: fn(*a), args, batch_size=batch)
+        return jax.vmap(fn)
+
+    def init(params):
+        from rollfast_psgd.factors import init_factors
+
+        leaves, treedef = jax.tree.flatten(params)
+        scale = 1.0 if preconditioner_init_scale is None else preconditioner_init_scale
+        qs, ls = [], []
+        for p, (scanned, dense) in zip(leaves, plans(params)):
+            lead = p.shape[:1] * scanned
+            shape = p.shape[1:] if scanned else p.shape
+            qs.append(tuple(jnp.broadcast_to(q, lead + q.shape).astype(q_store)
+                            for q in init_factors(shape, dense, scale)))
+            ls.append(tuple(jnp.zeros(lead, f32) for _ in qs[-1]))
+        mu = jax.tree.map(lambda p: jnp.zeros_like(p, mu_store), params) if b1 > 0 else None
+        k = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        return KronState(jnp.zeros([], jnp.int32), mu, treedef.unflatten(qs),
+                         treedef.unflatten(ls) if track_lipschitz else None,
+                         jnp.asarray(preconditioner_init_scale is None), k)
+
+    def lazy_scale(qs, grads, leaf_plans, flag):
+        mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned
+               else jnp.mean(g**4) for g, (scanned, _) in zip(grads, leaf_plans)]
+        s = (jnp.max(jnp.stack(mu4)) + damping**4) ** (-1 / 8)
+        s = reduce(jax.lax.pmean, s)
+        return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
+
+    def update_preconditioner(qs, ls, signal, leaf_plans, k):
+        from rollfast_psgd.factors import update_factors
+
+        k_noise, k_layers, k_balance = jax.random.split(k, 3)
+        balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
+        noise_keys = jax.random.split(k_noise, len(signal))
+        layer_keys = jax.random.split(k_layers, len(signal))
+        new_qs, new_ls = [], []
+        for i, (x, (scanned, _)) in enumerate(zip(signal, leaf_plans)):
+            v = jax.random.normal(noise_keys[i], x.shape, f32)
+            h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
+            step = lambda q, l, h, v, k=layer_keys[i]: update_factors(q, l, h, v, k, balance, cfg)
+            q, l = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
+                                            view(h.astype(f32), scanned), view(v, scanned))
+            new_qs.append(q)
+            new_ls.append(l)
+        return new_qs, (None if ls is None else new_ls)
+
+    def precondition(qs, moms, leaf_plans):
+        from rollfast_psgd.factors import apply_all, preconditioner
+
+        apply = lambda fs, m: apply_all(preconditioner(fs), m)
+        return [per_layer(apply, scanned)(fs, view(m, scanned)).reshape(m.shape)
+                for fs, m, (scanned, _) in zip(qs, moms, leaf_plans)]
+
+    def clip(us):
+        if grad_clip_mode == "global_rms":
+            total = reduce(jax.lax.psum, sum(jnp.sum(u * u) for u in us))
+            count = reduce(jax.lax.psum, jnp.float32(sum(u.size for u in us)))
+            factor = jnp.minimum(1.0, rms_cap / jnp.maximum(jnp.sqrt(total / count), tiny))
+            return [u * factor for u in us]
+        rms = lambda u: jnp.sqrt(jnp.mean(u * u))
+        return [jnp.clip(u * jnp.minimum(1.0, rms_cap / (rms(u) + tiny)), -elem_cap, elem_cap) for u in us]
+
+    def write(arrays, dtype, k):
+        if dtype == f32:
+            return arrays
+        return [rounding.cast(a, dtype, kk) for a, kk in zip(arrays, jax.random.split(k, len(arrays)))]
+
+    def update(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        if not leaves:
+            return updates, state
+        leaf_plans = plans(updates)
+        grads = [g.astype(f32) for g in leaves]
+        qs = [[q.astype(f32) for q in fs] for fs in treedef.flatten_up_to(state.qs)]
+        ls = [list(l) for l in treedef.flatten_up_to(state.ls)] if track_lipschitz else None
+        key_step, key_next = jax.random.split(state.key)
+        k_sr, k_srq, k_dec, k_upd = jax.random.split(key_step, 4)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+        finite = reduce(jax.lax.pmin, finite.astype(jnp.int32)) > 0
+
+        skip = ~finite
+        if raw_global_grad_clip is not None:
+            norm = jnp.sqrt(reduce(jax.lax.psum, sum(jnp.sum(g * g) for g in grads)))
+            spike = norm > raw_global_grad_clip
+            grads = [jnp.where(spike, g * (raw_global_grad_clip / (norm + tiny)), g) for g in grads]
+        prob = (preconditioner_update_probability(optax.safe_increment(state.count))
+                if callable(preconditioner_update_probability) else preconditioner_update_probability)
+        if raw_global_grad_clip is not None:
+            skip |= spike & ~(permissive_spike_protection & (prob >= 1.0))
+
+        mu = state.mu
+        moms = grads
+        if b1 > 0:
+            count = state.count.astype(f32)
+            beta = jnp.minimum(count / (1 + count), b1)
+            moms = [(1 - beta) * g + beta * m.astype(f32)
+                    for g, m in zip(grads, treedef.flatten_up_to(state.mu))]
+            mu = treedef.unflatten(write(moms, mu_store, k_sr))
+        if preconditioner_init_scale is None:
+            qs = lazy_scale(qs, grads, leaf_plans, state.needs_scale_init)
+
+        do_update = (jax.random.uniform(k_dec) < prob) & ~skip
+        signal = grads if whiten_grad else moms
+        with jax.default_matmul_precision(precond_update_precision):
+            new_qs, new_ls = jax.lax.cond(
+                do_update, lambda q, l: update_preconditioner(q, l, signal, leaf_plans, k_upd),
+                lambda q, l: (q, l), qs, ls)
+        with jax.default_matmul_precision(precond_grads_precision):
+            us = clip(precondition(new_qs if update_preconditioner_first else qs, moms, leaf_plans))
+        us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(us, leaves)]
+
+        flat_qs = [q for fs in new_qs for q in fs]
+        stored = iter(write(flat_qs, q_store, k_srq))
+        new_state = KronState(
+            optax.safe_increment(state.count), mu,
+            treedef.unflatten([tuple(next(stored) for _ in fs) for fs in new_qs]),
+            treedef.unflatten([tuple(l) for l in new_ls]) if track_lipschitz else None,
+            jnp.zeros([], bool), key_next)
+        new_state = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_state, state)
+        return treedef.unflatten(us), new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _mode_record(mode):
+    if isinstance(mode, str):
+        import rollfast
+
+        return rollfast.registry().lookup("mode", mode, "kron")
+    return mode
+
+
+def _rounding(rule):
+    if rule is None or isinstance(rule, str):
+        import rollfast
+
+        return rollfast.registry().lookup("round", rule or "nearest").factory()
+    return rule
+
+
+def _scanned_flags(tree, scanned_layers, n) -> list[bool]:
+    import jax
+    import optax
+
+    if scanned_layers is None:
+        return [False] * n
+    marks = scanned_layers(tree) if callable(scanned_layers) else scanned_layers
+    hole = lambda x: x is None or isinstance(x, optax.MaskedNode)
+    flags = jax.tree.map(lambda p, s: None if hole(p) else bool(s), tree, marks, is_leaf=hole)
+    return jax.tree.leaves(flags)
