@@ -19,7 +19,7 @@ with :math:`s_0 = 0.5`, so the expected update is scaled by about :math:`p/2`
 Which first moment: a family that registers ``first_moment`` (``adam``,
 ``adamw``, ``kron`` with momentum, ``prism``) hands its momentum of this step to
 the mask through ``rollfast.get``; for a family that keeps none visible (e.g. the
-Optax catalogue), Magma keeps its own EMA :math:`m_t = 0.9\,m_{t-1} + 0.1\,g_t`
+Optax catalogue, or ``kron`` with ``b1=0``), Magma keeps its own EMA :math:`m_t = 0.9\,m_{t-1} + 0.1\,g_t`
 (float32, one copy of the parameters; no bias correction, which the cosine does
 not see). The family's update already contains its weight decay and the factor
 :math:`-\eta`; as the mask is one scalar per leaf, masking after the learning
@@ -88,21 +88,26 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
     def active(x) -> bool:
         return not absent(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
+    def family_moment(inner_state):
+        return first_moment(inner_state) if first_moment is not None else None
+
     def init(params):
         per_leaf = lambda fill: jax.tree.map(lambda p: fill(p) if active(p) else None, params,
                                              is_leaf=absent)
+        inner_state = inner.init(params)
         score = per_leaf(lambda p: jnp.asarray(0.5, jnp.float32))
-        ema = () if first_moment else per_leaf(lambda p: jnp.zeros(jnp.shape(p), jnp.float32))
-        return MagmaState(inner.init(params), score, ema,
-                          jax.random.fold_in(as_key(key), KEY_TAG))
+        ema = (() if family_moment(inner_state) is not None
+               else per_leaf(lambda p: jnp.zeros(jnp.shape(p), jnp.float32)))
+        return MagmaState(inner_state, score, ema, jax.random.fold_in(as_key(key), KEY_TAG))
 
     def update(grads, state, params=None, **extra):
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
         flat_u, treedef = jax.tree.flatten(updates, is_leaf=absent)
         flat_g = treedef.flatten_up_to(grads)
-        if first_moment:
+        moment = family_moment(inner_state)
+        if moment is not None:
             ema = ()
-            flat_m = treedef.flatten_up_to(first_moment(inner_state))
+            flat_m = treedef.flatten_up_to(moment)
         else:
             flat_m = [m if m is None else EMA_DECAY * m + (1 - EMA_DECAY) * g.astype(jnp.float32)
                       for m, g in zip(treedef.flatten_up_to(state.ema), flat_g)]
