@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import rollfast
+from rollfast_rounding import is_float
 
 MODES = ("per_tensor_rms", "global_rms")
 
@@ -50,8 +51,7 @@ def all_finite(tree, axis_name=None):
     import jax
     import jax.numpy as jnp
 
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    flags = [jnp.all(jnp.isfinite(x)) for x in _floats(tree)]
     ok = jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
     if axis_name is not None:
         ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
@@ -126,7 +126,7 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
                                   for g in _floats(grads)], axis_name))
             spike = norm > raw_global_grad_clip
             factor = jnp.where(spike, raw_global_grad_clip / (norm + tiny), 1.0)
-            grads = jax.tree.map(lambda g: g * factor.astype(g.dtype) if _is_float(g) else g, grads)
+            grads = jax.tree.map(lambda g: g * factor.astype(g.dtype) if is_float(g) else g, grads)
             if not permissive_spike_protection:
                 ok = ok & ~spike
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
@@ -164,7 +164,7 @@ def update_clipper(mode: str, max_amps, axis_name=None):
         return jnp.sum(jnp.square(jnp.abs(u).astype(jnp.float32)))
 
     def per_tensor(u, scale):
-        if not _is_float(u):
+        if not is_float(u):
             return u
         rms = jnp.sqrt(sq(u) / max(u.size, 1))
         u = u * jnp.minimum(1.0, a_rms * scale / (rms + tiny)).astype(u.dtype)
@@ -181,21 +181,15 @@ def update_clipper(mode: str, max_amps, axis_name=None):
         total = _sum([sq(u) for u in floats], axis_name)
         count = _sum([jnp.asarray(u.size, jnp.float32) for u in floats], axis_name)
         factor = jnp.minimum(1.0, a_rms * scale / jnp.maximum(jnp.sqrt(total / jnp.maximum(count, 1.0)), tiny))
-        return jax.tree.map(lambda u: u * factor.astype(u.dtype) if _is_float(u) else u, updates)
+        return jax.tree.map(lambda u: u * factor.astype(u.dtype) if is_float(u) else u, updates)
 
     return clip_per_tensor if mode == "per_tensor_rms" else clip_global
-
-
-def _is_float(x) -> bool:
-    import jax.numpy as jnp
-
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def _floats(tree) -> list:
     import jax
 
-    return [x for x in jax.tree.leaves(tree) if _is_float(x)]
+    return [x for x in jax.tree.leaves(tree) if is_float(x)]
 
 
 def _sum(values: list, axis_name=None):

@@ -78,21 +78,18 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
     import jax.numpy as jnp
     import optax
     from rollfast_clip import all_finite, skip_unless
-    from rollfast_rounding import absent, as_key, leaf_keys
+    from rollfast_rounding import absent, as_key, is_float, leaf_keys
 
     if not 0.0 <= magma_p <= 1.0:
         raise ValueError(f"magma_p must be in [0, 1]; got {magma_p}")
     if not magma_tau > 0.0:
         raise ValueError(f"magma_tau must be > 0; got {magma_tau}")
 
-    def active(x) -> bool:
-        return not absent(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
     def family_moment(inner_state):
         return first_moment(inner_state) if first_moment is not None else None
 
     def init(params):
-        per_leaf = lambda fill: jax.tree.map(lambda p: fill(p) if active(p) else None, params,
+        per_leaf = lambda fill: jax.tree.map(lambda p: fill(p) if is_float(p) else None, params,
                                              is_leaf=absent)
         inner_state = inner.init(params)
         score = per_leaf(lambda p: jnp.asarray(0.5, jnp.float32))
@@ -118,7 +115,7 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
         out, scores = [], []
         for u, g, m, s, k in zip(flat_u, flat_g, flat_m, treedef.flatten_up_to(state.score),
                                  leaf_keys(k_mask, len(flat_u))):
-            if not active(u) or absent(m):
+            if not is_float(u) or absent(m):
                 out.append(u)
                 scores.append(s)
                 continue

@@ -140,6 +140,18 @@ def absent(x) -> bool:
     return x is None or isinstance(x, optax.MaskedNode)
 
 
+def is_float(x) -> bool:
+    """Whether a tree position holds a floating (or complex) array or scalar.
+
+    >>> import jax.numpy as jnp
+    >>> is_float(jnp.ones(2)), is_float(jnp.arange(2)), is_float(None)
+    (True, False, False)
+    """
+    import jax.numpy as jnp
+
+    return not absent(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 def apply_updates(params, updates, key=None, stochastic=True):
     r"""``params + updates`` leaf by leaf, written back in each parameter's dtype.
 

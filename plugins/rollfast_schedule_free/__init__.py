@@ -85,7 +85,7 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     import jax.numpy as jnp
     import optax
     from rollfast_clip import all_finite, skip_unless
-    from rollfast_rounding import Stochastic, absent, as_key, leaf_keys
+    from rollfast_rounding import Stochastic, absent, as_key, is_float, leaf_keys
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
     if mode not in WEIGHTINGS:
@@ -94,10 +94,10 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     rounding = Stochastic()
 
     def init(params):
-        floats = [p.dtype for p in jax.tree.leaves(params) if _is_float(p)]
+        floats = [p.dtype for p in jax.tree.leaves(params) if is_float(p)]
         store = jnp.dtype(state_dtype) if state_dtype is not None else min(
             floats, key=lambda d: jnp.finfo(d).nmant, default=jnp.dtype(jnp.float32))
-        z = jax.tree.map(lambda p: p.astype(store) if _is_float(p) else None, params, is_leaf=absent)
+        z = jax.tree.map(lambda p: p.astype(store) if is_float(p) else None, params, is_leaf=absent)
         return ScheduleFreeState(inner.init(params), jnp.asarray(float(sf_b1)), jnp.asarray(0.0),
                                  jnp.zeros([], jnp.int32), z, jax.random.fold_in(as_key(key), KEY_TAG))
 
@@ -208,9 +208,3 @@ def wsd_schedule(peak_lr, total_steps, warmup_fraction=0.1, decay_fraction=0.1):
         return jnp.maximum(lr, 0.0)
 
     return schedule
-
-
-def _is_float(x) -> bool:
-    import jax.numpy as jnp
-
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
