@@ -10,6 +10,8 @@ from __future__ import annotations
 
 PROBES = 32
 PROCRUSTES_MAX_STEP = 0.125
+NS_TOL = 1e-4
+NS_EXTRA_ITERS = 40
 
 
 def sym(a):
@@ -118,29 +120,42 @@ def ns_spd(q, key, iters):
     r"""Project ``q`` onto the SPD matrix :math:`(Q^TQ)^{1/2}` with Newton–Schulz.
 
     .. math::
-        X_0 = Q/\sigma,\quad X \leftarrow \tfrac12 X (3I - X^TX)\ (\text{iters times}),
+        X_0 = Q/\sigma,\quad X \leftarrow \tfrac12 X (3I - X^TX),
         \quad Q \leftarrow \operatorname{sym}(X^T Q)
 
     where :math:`\sigma^2` is :func:`nlb_spd` of :math:`Q^TQ`; :math:`X` tends to the
-    orthogonal polar factor of :math:`Q`.
+    orthogonal polar factor of :math:`Q`. At least ``iters`` iterations, then more until
+    :math:`\max|X^TX - I| \le 10^{-4}` (at most ``iters + 40``): a singular value
+    :math:`s \ll \sigma` only grows by 1.5× per iteration, and stopping early would shrink
+    it in :math:`X^TQ` (ALGORITHMS.md §2.13).
 
     Args:
       q: a square matrix.
       key: PRNG key of the norm bound.
-      iters: number of Newton–Schulz iterations.
+      iters: least number of Newton–Schulz iterations.
 
     >>> import jax, jax.numpy as jnp
     >>> ns_spd(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jax.random.PRNGKey(0), 5)
     Array([[1., 0.],
            [0., 1.]], dtype=float32)
     """
+    import jax
     import jax.numpy as jnp
 
     sigma = jnp.sqrt(nlb_spd(q.T @ q, key))
     x = q / (sigma + jnp.finfo(jnp.float32).eps)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
-    for _ in range(iters):
-        x = 0.5 * x @ (3 * eye - x.T @ x)
+
+    def running(carry):
+        _, gram, i = carry
+        return (i < iters) | ((i < iters + NS_EXTRA_ITERS) & (jnp.max(jnp.abs(gram - eye)) > NS_TOL))
+
+    def step(carry):
+        x, gram, i = carry
+        x = 0.5 * x @ (3 * eye - gram)
+        return x, x.T @ x, i + 1
+
+    x, _, _ = jax.lax.while_loop(running, step, (x, x.T @ x, 0))
     return sym(x.T @ q)
 
 

@@ -1,4 +1,4 @@
-"""TAYLOR2: the second-order Taylor truncation of the exponential map, fitted on ``Q·h``."""
+"""TAYLOR2: the second-order Taylor truncation of the exponential map."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "TAYLOR2", update_dense=taylor2_dense, statistic="Qh",
+    register.mode("kron", "TAYLOR2", update_dense=taylor2_dense,
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 
@@ -19,8 +19,9 @@ def taylor2_dense(q, terms):
         H = \min\bigl(\eta, \tfrac{0.5}{\ell - T_2}\bigr)\hat E,\quad
         Q \leftarrow \operatorname{sym}\bigl(Q (I - H (I - \tfrac12 H))\bigr)
 
-    The statistic is :math:`X = Qh`, so the fixed point is :math:`Q E[hh^T] Q^T = (n/d)I`
-    (:math:`P \approx E[hh^T]^{-1}`, not :math:`E[hh^T]^{-1/2}`), as in the reference.
+    The statistic is :math:`X = Ph` as for EXP (of which this is the truncation), so the
+    fixed point is Li's :math:`P E[hh^T] P = I`. (rollfast 0.2 fitted :math:`X = Qh`, whose
+    fixed point :math:`P \approx E[hh^T]^{-1}` amplifies low-variance noise; ALGORITHMS §2.13.)
 
     Args:
       q: the ``(d, d)`` factor.
