@@ -4,8 +4,9 @@ The families are discovered by introspection (see :mod:`rollfast_optax.discovery
 for the rule), so a newer Optax adds names without a code change. Each family's
 factory has the Optax function's exact signature, docstring, parameters and
 defaults, and builds what the Optax function builds under a leaf guard (``None``
-leaves, tree-valued update arguments, non-finite gradients: see
-:mod:`rollfast_optax.guard`); the numbers are Optax's, bit for bit. Families register with ``priority=-1``: where a first-party
+leaves, tree-valued update arguments: see :mod:`rollfast_optax.guard`); the
+numbers are Optax's, bit for bit, also under ``jax.jit``. To skip steps with
+non-finite gradients, add ``mask="clip"``. Families register with ``priority=-1``: where a first-party
 plugin has the same name (``adam``, ``adamw``) the plain name reaches it, and
 ``optax:adamw`` always reaches Optax's.
 
@@ -32,7 +33,7 @@ def precondition(register):
 
     entries, skipped = catalogue()
     for entry in entries:
-        register.family(entry.name, wrap(entry.function, entry.name), priority=-1,
+        register.family(entry.name, wrap(entry), priority=-1,
                         references=references(entry.function), source=entry.source,
                         update_args=entry.update_args, first_moment=first_moment)
     register.export("optax_catalogue_skipped", Skipped(skipped))
@@ -42,27 +43,28 @@ class Skipped(dict):
     """Public Optax transformations that are not registered as families: dotted name → reason."""
 
 
-def wrap(function, name: str):
-    """A factory named ``name`` with ``function``'s signature and docstring, returning
-    ``function``'s optimizer under :func:`~rollfast_optax.guard.leaf_guard`.
+def wrap(entry):
+    """A factory named ``entry.name`` with the signature and docstring of
+    ``entry.function``, returning its optimizer under
+    :func:`~rollfast_optax.guard.leaf_guard`.
 
     Args:
-      function: an Optax optimizer (a function or ``functools.partial``).
-      name: the family name.
+      entry: a :class:`~rollfast_optax.discovery.Entry`.
 
     >>> import inspect, optax
-    >>> factory = wrap(optax.nadam, "nadam")
+    >>> from rollfast_optax.discovery import Entry
+    >>> factory = wrap(Entry("nadam", "optax.nadam", optax.nadam, ()))
     >>> factory.__name__, inspect.signature(factory).parameters["nesterov"].default
     ('nadam', True)
     """
-
     from rollfast_optax.guard import leaf_guard
 
-    @functools.wraps(function)
+    @functools.wraps(entry.function)
     def factory(*args, **kwargs):
-        return leaf_guard(function(*args, **kwargs))
+        return leaf_guard(entry.function(*args, **kwargs), entry.update_args,
+                          f"optax:{entry.name}")
 
-    factory.__name__ = factory.__qualname__ = name
+    factory.__name__ = factory.__qualname__ = entry.name
     factory.__module__ = __name__
     return factory
 
