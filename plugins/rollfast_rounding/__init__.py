@@ -109,6 +109,19 @@ def sr_narrow(x, dtype, key):
     return jnp.where(jnp.isfinite(x), jnp.where(up, high, low), near)
 
 
+def as_rounding(rule):
+    """A rounding object from a registered name, an object (returned as is) or ``None`` (nearest).
+
+    >>> as_rounding("Stochastic"), as_rounding(None)
+    (Stochastic(), Nearest())
+    """
+    if rule is None:
+        return Nearest()
+    if isinstance(rule, str):
+        return rollfast.registry().lookup("round", rule).factory()
+    return rule
+
+
 def leaf_keys(key, n: int) -> list:
     """``n`` sub-keys of ``key``, one per flattened leaf position (``None`` included)."""
     import jax

@@ -51,7 +51,7 @@ class ScheduleFreeState(NamedTuple):
 
 
 def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9,
-                  state_dtype=None, key=42):
+                  state_dtype=None, round="stochastic", key=42):
     r"""Schedule-Free averaging: hold :math:`y`, step :math:`z`, average into :math:`x`.
 
     Per step, with :math:`\beta = \max(b_1, 10^{-8})`, :math:`\Delta` the wrapped
@@ -63,7 +63,9 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
 
     the closed form of :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}`. ``z`` is
     stored in ``state_dtype`` (default: the lowest-precision float dtype among the
-    params); bfloat16/float16 ``z`` is written with stochastic rounding. ``params``
+    params); bfloat16/float16 ``z`` is always written with stochastic rounding (it
+    accumulates the small steps that round-to-nearest would lose). The ``round``
+    rule writes the returned update in a low-precision parameter dtype. ``params``
     must be passed to ``update``. A step with a non-finite gradient is skipped.
 
     Args:
@@ -73,6 +75,8 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         (:math:`\gamma_t^2`) or ``"theoretical"`` (1, a uniform average); any case.
       sf_b1: interpolation β between the average x (β) and z (1 − β).
       state_dtype: dtype of the stored z sequence (``None``: lowest-precision param dtype).
+      round: rounding rule (name or object) for writing the update in a low-precision
+        parameter dtype.
       key: int seed or PRNG key for the stochastic rounding of low-precision z.
 
     >>> import jax.numpy as jnp, rollfast
@@ -85,13 +89,13 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     import jax.numpy as jnp
     import optax
     from rollfast_clip import all_finite, skip_unless
-    from rollfast_rounding import Stochastic, absent, as_key, is_float, leaf_keys
+    from rollfast_rounding import Stochastic, absent, as_key, as_rounding, is_float, leaf_keys
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
     if mode not in WEIGHTINGS:
         raise ValueError(f"weighting_mode must be one of {', '.join(map(repr, WEIGHTINGS))} "
                          f"(any case); got {weighting_mode!r}")
-    rounding = Stochastic()
+    z_rounding, out_rounding = Stochastic(), as_rounding(round)
 
     def init(params):
         floats = [p.dtype for p in jax.tree.leaves(params) if is_float(p)]
@@ -113,23 +117,23 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         c = jnp.where(weight_sum > 0, weight / jnp.maximum(weight_sum, 1e-30), 0.0)
         beta = jnp.maximum(state.b1, 1e-8)
         delta, inner_state = inner.update(grads, state.inner_state, params, **extra)
-        key_next, k_round = jax.random.split(state.key)
+        key_next, k_z, k_out = jax.random.split(state.key, 3)
 
         flat_y, treedef = jax.tree.flatten(params, is_leaf=absent)
         out, zs = [], []
-        for y, d, z, k in zip(flat_y, treedef.flatten_up_to(delta), treedef.flatten_up_to(state.z),
-                              leaf_keys(k_round, len(flat_y))):
+        for y, d, z, kz, ko in zip(flat_y, treedef.flatten_up_to(delta), treedef.flatten_up_to(state.z),
+                                   leaf_keys(k_z, len(flat_y)), leaf_keys(k_out, len(flat_y))):
             if absent(z):
                 out.append(d)
                 zs.append(z)
                 continue
             wide = jnp.promote_types(y.dtype, jnp.float32)
             z_old = z.astype(wide)
-            z_new = rounding.cast(z_old + d.astype(wide), z.dtype, k)
+            z_new = z_rounding.cast(z_old + d.astype(wide), z.dtype, kz)
             step = z_new.astype(wide) - z_old
             c_w, b_w = c.astype(wide), beta.astype(wide)
-            out.append(((1 - b_w) * (1 - c_w) * step + c_w * (z_new.astype(wide) - y.astype(wide)))
-                       .astype(y.dtype))
+            move = (1 - b_w) * (1 - c_w) * step + c_w * (z_new.astype(wide) - y.astype(wide))
+            out.append(out_rounding.cast(move, y.dtype, ko))
             zs.append(z_new)
         new = ScheduleFreeState(inner_state, state.b1, weight_sum, t + 1, treedef.unflatten(zs), key_next)
         return skip_unless(all_finite(grads), treedef.unflatten(out), new, state)
