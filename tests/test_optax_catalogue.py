@@ -309,11 +309,20 @@ def test_sharded_params_keep_their_sharding():
 
 # -- CLI ----------------------------------------------------------------------------
 
-def test_cli_info_optax_lion_shows_its_parameters():
-    cli = pytest.importorskip("rollfast.cli")
-    del cli
-    result = subprocess.run([sys.executable, "-m", "rollfast.cli", "info", "optax:lion"],
+def _cli(*args) -> str:
+    pytest.importorskip("rollfast.cli")
+    result = subprocess.run([sys.executable, "-m", "rollfast.cli", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for word in ("learning_rate", "b1", "b2", "weight_decay", "optax"):
-        assert word in result.stdout
+    return result.stdout
+
+
+def test_cli_shows_families_parameters_and_skipped_names():
+    listed = [line.split() for line in _cli("list", "--kind", "family").splitlines()[1:]]
+    assert len(listed) >= 40 and sum(row[1] == "optax" for row in listed) >= 40
+    lion = _cli("info", "optax:lion")
+    for word in ("learning_rate", "b1", "b2", "weight_decay", "optax.lion"):
+        assert word in lion
+    assert "update args: value" in _cli("info", "optax:polyak_sgd")
+    plugin = _cli("info", "optax")
+    assert "optax.contrib.dpsgd" in plugin and "per-example" in plugin
