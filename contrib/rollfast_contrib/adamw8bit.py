@@ -70,9 +70,14 @@ def dynamic_map(signed: bool):
 def quantize(x, signed: bool, block_size: int) -> Quantized:
     r"""Block-wise quantisation: the flattened tensor is cut into
     ``ceil(n/block_size)`` blocks of equal length (the last zero-padded); each block is
-    divided by its absmax and rounded to the nearest value of :func:`dynamic_map`. Unsigned: a positive value never rounds to 0 (it takes the
-    smallest positive code), so a quantised second moment never vanishes under a
-    non-zero first moment.
+    divided by its absmax and rounded to the nearest value of :func:`dynamic_map`.
+
+    The code is computed, not searched: ``|x|`` in band ``E`` (``10^{-E-1} < |x| ≤ 10^{-E}``)
+    lies on the uniform grid ``10^{-E}(0.1 + 0.9 j/2^F)``, ``j = 0…2^F`` (``j = 0`` is
+    the next band's top; in the last band the grid starts at 0), whose ``j``-th point
+    has index ``2^F − 1 + j`` among the non-negative codes. Unsigned: a positive
+    value never rounds to 0 (it takes the smallest positive code), so a quantised
+    second moment never vanishes under a non-zero first moment.
 
     Args:
       x: the float tensor.
@@ -86,16 +91,24 @@ def quantize(x, signed: bool, block_size: int) -> Quantized:
     """
     import jax.numpy as jnp
 
-    table = jnp.asarray(dynamic_map(signed))
+    bits = 7 if signed else 8
     flat = x.astype(jnp.float32).ravel()
     length = _block_length(flat.size, -(-flat.size // block_size))
     blocks = jnp.pad(flat, (0, -flat.size % length)).reshape(-1, length)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
-    normed = blocks / jnp.where(absmax > 0, absmax, 1)[:, None]
-    codes = jnp.searchsorted((table[1:] + table[:-1]) / 2, normed)
-    if not signed:
-        codes = jnp.where((normed > 0) & (codes == 0), 1, codes)
-    return Quantized(codes.astype(jnp.uint8).ravel()[:flat.size].reshape(x.shape), absmax)
+    normed = jnp.abs(blocks) / jnp.where(absmax > 0, absmax, 1)[:, None]
+    band = sum((normed <= 10.0**-e).astype(jnp.int32) for e in range(1, bits))
+    cells = jnp.asarray([2.0 ** (bits - 1 - e) for e in range(bits)])[band]
+    unit = jnp.asarray([10.0**e for e in range(bits)])[band]
+    low = jnp.where(band == bits - 1, 0.0, 0.1)
+    j = jnp.clip(jnp.round((normed * unit - low) / (1 - low) * cells), 0, cells)
+    index = cells - 1 + j
+    if signed:
+        index = 2**bits - 1 + jnp.sign(blocks) * index
+    else:
+        index = jnp.where((normed > 0) & (index == 0), 1, index)
+    codes = index.astype(jnp.uint8).ravel()[:flat.size].reshape(x.shape)
+    return Quantized(codes, absmax)
 
 
 def dequantize(q: Quantized, signed: bool):
@@ -172,7 +185,9 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
             zeros = jnp.zeros(jnp.shape(p), jnp.float32)
             if small(zeros):
                 return MomentsLeaf(zeros, zeros)
-            return MomentsLeaf(quantize(zeros, True, block_size), quantize(zeros, False, block_size))
+            absmax = jnp.zeros(-(-zeros.size // block_size), jnp.float32)
+            zero_code = lambda signed: jnp.full(zeros.shape, 127 if signed else 0, jnp.uint8)
+            return MomentsLeaf(Quantized(zero_code(True), absmax), Quantized(zero_code(False), absmax))
         return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), init_leaves(leaf, params))
 
     def update(updates, state, params=None):

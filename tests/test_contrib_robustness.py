@@ -1,0 +1,122 @@
+"""The contrib families on awkward inputs: mixed trees (scalar, vector, matrix,
+4-D, None, int) under jit in float32 and bfloat16, non-finite gradients, sharded
+parameters, the first-moment accessor, and bad options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import rollfast
+import rollfast.testing as rt
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+VARIANTS = {
+    "soap": {}, "mars": {}, "mars-lion": {"variant": "lion"}, "qhadamw": {}, "normuon": {},
+    "apollo": {}, "apollo-mini": {"variant": "mini"}, "adamw8bit": {"min_8bit_size": 0, "block_size": 8},
+    "adamw_8bit": {},
+}
+
+
+def build(variant, **options):
+    return rollfast.get(variant.split("-")[0], learning_rate=1e-2, **VARIANTS[variant], **options)
+
+
+def grads_like(params, seed=1):
+    return jax.tree.map(lambda p: (jax.random.normal(jax.random.PRNGKey(seed), jnp.shape(p)).astype(p.dtype)
+                                   if jnp.issubdtype(p.dtype, jnp.floating) else jnp.zeros_like(p)),
+                        params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_mixed_tree_under_jit(variant, dtype):
+    params = rt.mixed_tree(dtype)
+    opt = build(variant)
+    step = jax.jit(lambda p, s: opt.update(grads_like(p), s, p))
+    state = opt.init(params)
+    for _ in range(3):
+        updates, state = step(params, state)
+        params = jax.tree.map(lambda p, u: p if p is None else (p + u).astype(p.dtype), params, updates,
+                              is_leaf=lambda x: x is None)
+    assert params["nothing"] is None and updates["nothing"] is None
+    np.testing.assert_array_equal(params["count"], np.arange(3))
+    for name in ("scalar", "bias", "matrix", "conv"):
+        assert params[name].dtype == dtype and updates[name].shape == params[name].shape
+        assert bool(jnp.all(jnp.isfinite(params[name].astype(jnp.float32)))), name
+    moved = [float(jnp.abs(updates[n].astype(jnp.float32)).max()) for n in ("bias", "matrix", "conv")]
+    assert all(m > 0 for m in moved), moved
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_non_finite_gradients_skip_the_step(variant):
+    params = {"m": jnp.ones((4, 3)), "v": jnp.ones(5)}
+    opt = build(variant)
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    _, state = update(grads_like(params), state, params)
+    for bad in (jnp.nan, jnp.inf):
+        grads = grads_like(params, 2)
+        grads["m"] = grads["m"].at[1, 2].set(bad)
+        updates, new_state = update(grads, state, params)
+        assert all(bool((u == 0).all()) for u in jax.tree.leaves(updates))
+        jax.tree.map(np.testing.assert_array_equal, new_state, state)
+    updates, _ = update(grads_like(params, 3), state, params)
+    assert all(bool(jnp.isfinite(u).all()) and float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("variant", ["soap", "normuon", "apollo", "adamw8bit", "mars"])
+def test_sharded_parameters_give_the_same_updates(variant):
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 8)), "b": jnp.ones(8)}
+    sharded = {"w": jax.device_put(params["w"], NamedSharding(mesh, PartitionSpec("d", None))),
+               "b": jax.device_put(params["b"], NamedSharding(mesh, PartitionSpec()))}
+    opt = build(variant)
+
+    def two_steps(p):
+        state = opt.init(p)
+        u, state = opt.update(grads_like(p), state, p)
+        return opt.update(grads_like(p, 5), state, p)[0]
+
+    plain, split = jax.jit(two_steps)(params), jax.jit(two_steps)(sharded)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), plain, split)
+
+
+@pytest.mark.parametrize("name", ["soap", "mars", "qhadamw", "normuon", "adamw8bit"])
+def test_first_moment_is_the_momentum_in_the_parameters_structure(name):
+    record = rollfast.available("family")
+    record = next(r for r in record if r.name == name)
+    params = {"m": jnp.ones((4, 3)), "v": jnp.ones(5), "none": None}
+    opt = record.factory(learning_rate=0.1, **({"min_8bit_size": 0} if name == "adamw8bit" else {}))
+    state = opt.init(params)
+    for seed in (1, 2):
+        _, state = opt.update(grads_like({"m": params["m"], "v": params["v"]}, seed) | {"none": None},
+                              state, params)
+    mu = record.metadata["first_moment"](state)
+    assert jax.tree.structure(mu) == jax.tree.structure(params)
+    assert mu["m"].shape == (4, 3) and float(jnp.abs(mu["m"]).max()) > 0
+
+
+def test_apollo_has_no_visible_first_moment():
+    record = next(r for r in rollfast.available("family") if r.name == "apollo")
+    assert record.metadata.get("first_moment") is None
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("mars", {"variant": "adam"}, "MARS variant must be one of"),
+    ("apollo", {"variant": "maxi"}, "APOLLO variant must be one of"),
+    ("apollo", {"rank": 0}, "rank >= 1"),
+    ("soap", {"precondition_frequency": 0}, "precondition_frequency must be >= 1"),
+    ("adamw8bit", {"block_size": 0}, "block_size must be a positive integer"),
+])
+def test_bad_options_are_reported(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        rollfast.get(name, learning_rate=0.1, **options)
+
+
+def test_families_are_listed_with_their_references():
+    records = {r.name: r for r in rollfast.available("family")}
+    for name in ("soap", "mars", "qhadamw", "normuon", "apollo", "adamw8bit"):
+        assert records[name].provider.plugin == "contrib"
+        assert any("arXiv:" in ref for ref in records[name].references), name
+        assert "learning_rate" == records[name].parameters[0].name
+    assert rollfast.get("ADAMW_8BIT", learning_rate=1e-3) is not None
