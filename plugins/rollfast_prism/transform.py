@@ -10,7 +10,8 @@ Per matrix leaf, with gradient ``g`` (float32) and stored momentum ``M_prev``:
 
 followed by a per-matrix RMS clip and an element-wise clip. ``Shape`` is the
 chosen mode's; it sees each leaf through its :class:`~rollfast_partition.MatrixSpec`
-as a stack of ``R × O`` matrices (rows = reduction axes), mapped over the stack.
+as a stack of ``R × O`` matrices (rows = reduction axes), mapped over the stack
+(``lax.map``: one matrix at a time, so a stacked leaf equals its separate layers).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def _map_matrices(fn, view, *tensors):
     if view.matrix_shape[0] == 1:
         res = fn(*(m[0] for m in mats))[None]
     else:
-        res = jax.vmap(fn)(*mats)
+        res = jax.lax.map(lambda ms: fn(*ms), mats)
     return view.from_matrices(res)
 
 

@@ -7,12 +7,13 @@ With ``T̂, D̂`` the target and innovation scaled to unit joint Frobenius norm,
     H_R = \\hat T^\\top \\hat T + \\gamma_R^2 \\hat D^\\top \\hat D + \\epsilon I_O,\\qquad
     \\operatorname{Shape}(T, D) \\approx H_L^{-1/4}\\,\\hat T\\,H_R^{-1/4}.
 
-The inverse fourth roots come from a coupled polynomial iteration. Each side is
-computed where it is cheaper: ``H_R = A^\\top A + εI`` with ``A = [T̂; γ_R D̂]``
-(``2R × O``), and for any function ``f``, ``A f(A^\\top A) = f(A A^\\top) A``
-(push-through), so when ``2R < O`` the iteration runs on the ``2R × 2R`` Gram
-``A Aᵀ`` instead of the ``O × O`` one (and symmetrically on the left when
-``2O < R``). The result is the same matrix function, not an approximation of it.
+The inverse fourth roots come from a coupled polynomial iteration, one side
+after the other (the two sides commute). Each side is computed where it is
+cheaper: ``H_R = AᵀA + εI`` with ``A = [T̂; γ_R D̂]`` (``2R × O``) and, for any
+function ``f``, ``A f(AᵀA) = f(AAᵀ) A`` (push-through), so when ``2R < O``,
+``T̂ H_R^{-1/4}`` is the top block of ``f(AAᵀ) A``, iterated on the ``2R × 2R``
+Gram instead of the ``O × O`` one (symmetrically on the left when ``2O < R``).
+The result is the same matrix function, not an approximation of it.
 """
 
 from __future__ import annotations
@@ -64,22 +65,18 @@ def shape(t, d, *, gamma=1.0, gamma_l=None, gamma_r=None, eps_gram=1e-6, inv_ste
     t, d = t / sigma, d / sigma
     rows, cols = t.shape
     steps = coefficients(inv_steps, inv_scale)
+    root = lambda gram, n, x, side: _apply_inv_root4(gram, n, x, side, steps, eps_gram, inv_eps, mm)
 
     if 2 * rows < cols:
         a = jnp.concatenate([t, gr * d], axis=0)
-        left = _normalised(mm(t, t.T) + gl**2 * mm(d, d.T), eps_gram, inv_eps, rows)
-        right = _normalised(mm(a, a.T), eps_gram, inv_eps, cols)
-        core = jnp.eye(rows, 2 * rows, dtype=t.dtype)
-        return mm(_inv_root4(left, core, right, steps, mm), a)
+        x = root(mm(a, a.T), cols, a, "left")[:rows]
+        return root(mm(t, t.T) + gl**2 * mm(d, d.T), rows, x, "left")
     if 2 * cols < rows:
         a = jnp.concatenate([t, gl * d], axis=1)
-        left = _normalised(mm(a.T, a), eps_gram, inv_eps, rows)
-        right = _normalised(mm(t.T, t) + gr**2 * mm(d.T, d), eps_gram, inv_eps, cols)
-        core = jnp.eye(2 * cols, cols, dtype=t.dtype)
-        return mm(a, _inv_root4(left, core, right, steps, mm))
-    left = _normalised(mm(t, t.T) + gl**2 * mm(d, d.T), eps_gram, inv_eps, rows)
-    right = _normalised(mm(t.T, t) + gr**2 * mm(d.T, d), eps_gram, inv_eps, cols)
-    return _inv_root4(left, t, right, steps, mm)
+        x = root(mm(a.T, a), rows, a, "right")[:, :cols]
+        return root(mm(t.T, t) + gr**2 * mm(d.T, d), cols, x, "right")
+    x = root(mm(t, t.T) + gl**2 * mm(d, d.T), rows, t, "left")
+    return root(mm(t.T, t) + gr**2 * mm(d.T, d), cols, x, "right")
 
 
 def coefficients(inv_steps=6, inv_scale=1.001):
@@ -104,14 +101,16 @@ def coefficients(inv_steps=6, inv_scale=1.001):
     return tuple((a / k, b / k**5, c / k**9) for a, b, c in table)
 
 
-def _sym(x):
-    return (x + x.T) / 2
+def _apply_inv_root4(gram, n, x, side, steps, eps_gram, inv_eps, mm):
+    """``H^{-1/4}`` applied to ``x`` from ``side``, by the coupled iteration, for
+    ``H = G + ε_g I_n``, where ``G`` is ``gram`` or, when ``gram`` is the smaller
+    push-through twin ``A Aᵀ`` of an ``n × n`` Gram ``Aᵀ A``, ``x = A`` (then the
+    result is ``A (AᵀA + ε_g I)^{-1/4}``; ``x`` lies in the range of ``gram``, so
+    no component is amplified and then cancelled).
 
-
-def _normalised(gram, eps_gram, inv_eps, n):
-    """``(G + ε_g I)/τ + ε_i I`` and ``τ``, with ``τ = 1.05 ‖H‖_F`` of the
-    ``n × n`` matrix ``H = (G or its push-through twin) + ε_g I_n``:
-    ``‖H‖_F² = ‖G‖_F² + 2 ε_g tr G + n ε_g²`` holds on either side."""
+    ``τ = 1.05 ‖H‖_F`` with ``‖H‖_F² = ‖G‖_F² + 2 ε_g tr G + n ε_g²`` (the same
+    on either side); ``L = H/τ + ε_i I`` is driven to ``I`` by
+    ``W = a I + b L + c L²``, ``L ← L W⁴``, while ``x ← W x``."""
     import jax.numpy as jnp
 
     gram = _sym(gram)
@@ -119,22 +118,15 @@ def _normalised(gram, eps_gram, inv_eps, n):
                                 + n * eps_gram**2, 0.0))
     tau = 1.05 * jnp.maximum(frob, 1e-30)
     eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-    return gram / tau + (eps_gram / tau + inv_eps) * eye, tau
-
-
-def _inv_root4(left, core, right, steps, mm):
-    """Apply ``L^{-1/4}·core·R^{-1/4}`` by the coupled iteration (``L, R`` → ``I``)."""
-    import jax.numpy as jnp
-
-    (lm, tau_l), (rm, tau_r) = left, right
-    eye_l = jnp.eye(lm.shape[0], dtype=lm.dtype)
-    eye_r = jnp.eye(rm.shape[0], dtype=rm.dtype)
+    lm = gram / tau + (eps_gram / tau + inv_eps) * eye
     for i, (a, b, c) in enumerate(steps):
-        wl = _sym(a * eye_l + b * lm + c * _sym(mm(lm, lm)))
-        wr = _sym(a * eye_r + b * rm + c * _sym(mm(rm, rm)))
-        core = mm(mm(wl, core), wr)
+        w = _sym(a * eye + b * lm + c * _sym(mm(lm, lm)))
+        x = mm(w, x) if side == "left" else mm(x, w)
         if i + 1 < len(steps):
-            wl2, wr2 = _sym(mm(wl, wl)), _sym(mm(wr, wr))
-            lm = _sym(mm(lm, _sym(mm(wl2, wl2))))
-            rm = _sym(mm(rm, _sym(mm(wr2, wr2))))
-    return core * (tau_l * tau_r) ** -0.25
+            w2 = _sym(mm(w, w))
+            lm = _sym(mm(lm, _sym(mm(w2, w2))))
+    return x * tau**-0.25
+
+
+def _sym(x):
+    return (x + x.T) / 2

@@ -1,0 +1,308 @@
+"""PRISM family: invariants, options, partition + fallback, jit, sharding, bf16, scanned layers."""
+
+import numpy as np
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+import rollfast
+import rollfast_prism
+from rollfast.testing import mixed_tree, mlp_problem, quadratic_loss, run
+from rollfast_partition import MatrixSpec
+from rollfast_prism.modes import bidirectional, original
+
+MODES = ["original", "bidirectional"]
+
+
+def _random(shape, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def _well_conditioned(rows, cols, seed=0, low=0.5):
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.standard_normal((rows, rows)))[0]
+    v = np.linalg.qr(rng.standard_normal((cols, cols)))[0]
+    k = min(rows, cols)
+    s = np.linspace(low, 1.0, k)
+    return u[:, :k] @ np.diag(s) @ v[:, :k].T
+
+
+def _steps(opt, grads, params):
+    state, out = opt.init(params), []
+    update = jax.jit(opt.update)
+    for g in grads:
+        u, state = update(g, state, params)
+        out.append(u)
+    return out, state
+
+
+# --------------------------------------------------------------- the shaping maths
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
+def test_newton_schulz_approximates_the_polar_factor(shape):
+    """Singular values in [1−ε, 1+ε] (ε = 0.32 for Muon's coefficients), same
+    singular vectors: Aᵀ X is symmetric positive definite."""
+    a = _well_conditioned(*shape, low=0.2)
+    x = np.asarray(original.newton_schulz(jnp.asarray(a, jnp.float32), 5), np.float64)
+    s = np.linalg.svd(x, compute_uv=False)
+    assert s.min() > 0.68 and s.max() < 1.32
+    c = a.T @ x if shape[0] >= shape[1] else x @ a.T
+    np.testing.assert_allclose(c, c.T, atol=1e-5)
+    assert np.linalg.eigvalsh((c + c.T) / 2).min() > 0
+
+
+def test_newton_schulz_orientation_does_not_matter():
+    a = _random((12, 20))
+    np.testing.assert_allclose(original.newton_schulz(a.T, 5), original.newton_schulz(a, 5).T, atol=1e-6)
+    np.testing.assert_allclose(original.newton_schulz(a, 5, rows=4), original.newton_schulz(a, 5)[:4],
+                               atol=1e-6)
+
+
+def test_original_with_gamma_zero_is_muon():
+    t, d = _random((10, 14), 1), _random((10, 14), 2)
+    np.testing.assert_allclose(original.shape(t, d, gamma=0.0), original.newton_schulz(t, 5), atol=1e-6)
+    gamma = jnp.float32(0.0)  # traced-like γ keeps the zero block: same top block
+    np.testing.assert_allclose(original.shape(t, d, gamma=gamma), original.newton_schulz(t, 5), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (6, 20), (20, 6)])
+def test_bidirectional_with_gamma_zero_is_the_polar_factor(shape):
+    a = _well_conditioned(*shape, seed=3)
+    u, _, vt = np.linalg.svd(a, full_matrices=False)
+    got = bidirectional.shape(jnp.asarray(a, jnp.float32), jnp.zeros(shape), gamma=0.0)
+    np.testing.assert_allclose(got, u @ vt, atol=2e-2)
+
+
+def test_innovation_shrinks_the_update():
+    """Coefficients per direction lie in [0, 1]: a large innovation shrinks the output."""
+    t = jnp.asarray(_well_conditioned(8, 8, low=0.9), jnp.float32)
+    for fn in (original.shape, bidirectional.shape):
+        quiet = jnp.linalg.norm(fn(t, jnp.zeros((8, 8))))
+        noisy = jnp.linalg.norm(fn(t, 3 * _random((8, 8))))
+        assert noisy < 0.6 * quiet
+
+
+def test_inverse_root_coefficient_schedule():
+    assert len(bidirectional.coefficients(0)) == 4 == len(bidirectional.coefficients(None))
+    two = bidirectional.coefficients(2, 1.0)
+    assert two == bidirectional.INV_ROOT4_COEFFS[:2]
+    a, b, c = bidirectional.coefficients(1, 2.0)[0]
+    np.testing.assert_allclose((a, b, c), (3.85003 / 2, -10.8539 / 32, 8.61893 / 512))
+    with pytest.raises(ValueError, match="inv_steps"):
+        bidirectional.coefficients(-1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scale_invariance(mode):
+    g = [{"w": _random((12, 20), i)} for i in range(3)]
+    opt = rollfast.get("prism", learning_rate=1.0, mode=mode)
+    params = {"w": jnp.zeros((12, 20))}
+    base, _ = _steps(opt, g, params)
+    scaled, _ = _steps(opt, [jax.tree.map(lambda x: 7.5 * x, x) for x in g], params)
+    for a, b in zip(base, scaled):
+        np.testing.assert_allclose(a["w"], b["w"], atol=2e-5)
+
+
+def test_transposition_symmetry():
+    """bidirectional (γ_L ↔ γ_R swapped) and original with γ = 0: the update of
+    Gᵀ is the transpose of the update of G; with γ ≠ 0, original is not
+    symmetric, but a leaf seen through MatrixSpec(1, 0) is exactly its transpose."""
+    g = [{"w": _random((10, 16), i)} for i in range(2)]
+    gt = [{"w": x["w"].T} for x in g]
+    params, params_t = {"w": jnp.zeros((10, 16))}, {"w": jnp.zeros((16, 10))}
+    cases = [(dict(mode="bidirectional", gamma_l=0.5, gamma_r=2.0),
+              dict(mode="bidirectional", gamma_l=2.0, gamma_r=0.5)),
+             (dict(mode="original", gamma=0.0), dict(mode="original", gamma=0.0)),
+             (dict(mode="original"), dict(mode="original", partition="dimension_numbers",
+                                          dimension_numbers={"w": MatrixSpec(1, 0)}))]
+    for kw, kw_t in cases:
+        u, _ = _steps(rollfast.get("prism", learning_rate=1.0, **kw), g, params)
+        ut, _ = _steps(rollfast.get("prism", learning_rate=1.0, **kw_t), gt, params_t)
+        for a, b in zip(u, ut):
+            np.testing.assert_allclose(a["w"], b["w"].T, atol=2e-5, err_msg=str(kw))
+    u, _ = _steps(rollfast.get("prism", learning_rate=1.0, gamma=1.0), g, params)
+    ut, _ = _steps(rollfast.get("prism", learning_rate=1.0, gamma=1.0), gt, params_t)
+    assert not np.allclose(u[1]["w"], ut[1]["w"].T, atol=1e-3)
+
+
+# --------------------------------------------------------------- step pipeline
+def test_first_step_momentum_and_first_moment():
+    opt = rollfast.get("prism", learning_rate=0.1)
+    params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros(5)}
+    grads = {"w": _random((6, 5)), "b": jnp.ones(5)}
+    _, state = opt.update(grads, opt.init(params), params)
+    fm = rollfast_prism.first_moment(state.inner_state)
+    np.testing.assert_allclose(fm["w"], 0.05 * grads["w"], rtol=1e-6)
+    np.testing.assert_allclose(fm["b"], 0.1 * grads["b"], rtol=1e-6)
+
+
+def test_spike_skip_and_permissive_clip():
+    params = {"w": jnp.zeros((6, 5))}
+    g = {"w": 100.0 * _random((6, 5))}
+    strict = rollfast.get("prism", learning_rate=1.0, raw_global_grad_clip=1.0,
+                          permissive_spike_protection=False)
+    state = strict.init(params)
+    u, new = strict.update(g, state, params)
+    assert float(jnp.abs(u["w"]).max()) == 0.0
+    inner = new.inner_state.inner_states["prism"].inner_state[0]
+    assert int(inner.count) == 1 and float(jnp.abs(inner.mu["w"]).max()) == 0.0
+    loose = rollfast.get("prism", learning_rate=1.0, raw_global_grad_clip=1.0)
+    u_loose, new = loose.update(g, loose.init(params), params)
+    mu = new.inner_state.inner_states["prism"].inner_state[0].mu["w"]
+    np.testing.assert_allclose(jnp.linalg.norm(mu), 0.05, rtol=1e-5)
+    assert float(jnp.abs(u_loose["w"]).max()) > 0
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_gradient_changes_nothing(bad):
+    params = mixed_tree()
+    opt = rollfast.get("prism", learning_rate=0.1, mode="bidirectional")
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    good = jax.tree.map(lambda p: jnp.ones_like(p) if p is not None else None, params)
+    _, state = update(good, state, params)
+    poisoned = dict(good, bias=good["bias"].at[0].set(bad))
+    u, new = update(poisoned, state, params)
+    for leaf in jax.tree.leaves(u):
+        assert not jnp.any(leaf)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, state)
+    poisoned = dict(good, matrix=good["matrix"].at[0, 0].set(bad))
+    u, new = update(poisoned, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((u, new)))
+
+
+def test_weight_decay_on_both_paths_with_mask():
+    params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5), "v": jnp.ones(5)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    opt = rollfast.get("prism", learning_rate=0.5, weight_decay=0.1,
+                       weight_decay_mask={"w": True, "b": True, "v": False})
+    u, _ = opt.update(zero, opt.init(params), params)
+    np.testing.assert_allclose(u["w"], -0.05 * np.ones((6, 5)), rtol=1e-6)
+    np.testing.assert_allclose(u["b"], -0.05 * np.ones(5), rtol=1e-6)
+    np.testing.assert_allclose(u["v"], np.zeros(5))
+
+
+def test_jit_equals_eager_on_a_mixed_tree():
+    """Scalars, vectors, a matrix, a 4-D kernel, None and an int leaf."""
+    params = mixed_tree()
+    grads = jax.tree.map(lambda p: jnp.cos(p) if p is not None else None, params)
+    grads["count"] = jnp.zeros(3, jnp.int32)
+    opt = rollfast.get("prism", learning_rate=0.1)
+    eager, _ = opt.update(grads, opt.init(params), params)
+    jitted, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    assert eager["nothing"] is None and not jnp.any(eager["count"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), eager, jitted)
+    assert float(jnp.abs(eager["conv"]).max()) > 0 and float(jnp.abs(eager["scalar"])) > 0
+
+
+def test_update_needs_params():
+    """As in rollfast 0.2: weight decay (here the fallback's) needs ``params``."""
+    grads = {"w": _random((6, 5)), "b": jnp.ones(5)}
+    opt = rollfast.get("prism", learning_rate=0.1)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(grads, opt.init(grads))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scanned_leaves_equal_separate_leaves(mode):
+    stack = _random((3, 8, 12))
+    grads_sep = [{f"l{i}": stack[i] * (k + 1) + k for i in range(3)} for k in range(3)]
+    grads_stack = [{"s": jnp.stack([g[f"l{i}"] for i in range(3)])} for g in grads_sep]
+    opt_sep = rollfast.get("prism", learning_rate=1.0, mode=mode)
+    opt_stack = rollfast.get("prism", learning_rate=1.0, mode=mode, partition="dimension_numbers",
+                             dimension_numbers={"s": MatrixSpec(1, 2)})
+    sep, _ = _steps(opt_sep, grads_sep, jax.tree.map(jnp.zeros_like, grads_sep[0]))
+    stk, _ = _steps(opt_stack, grads_stack, {"s": jnp.zeros((3, 8, 12))})
+    for a, b in zip(sep, stk):
+        for i in range(3):
+            np.testing.assert_allclose(b["s"][i], a[f"l{i}"], atol=2e-6)
+
+
+def test_bfloat16_params_and_momentum():
+    target = {"w": (_random((8, 6)) / 2).astype(jnp.bfloat16), "b": jnp.full((6,), -0.5, jnp.bfloat16)}
+    params = jax.tree.map(jnp.zeros_like, target)
+    loss = quadratic_loss(target)
+    for mode, rounding in zip(MODES, ("nearest", "stochastic")):
+        opt = rollfast.get("prism", learning_rate=0.1, mode=mode, mu_dtype=jnp.bfloat16, round=rounding)
+        new, state, losses = run(opt, params, loss, 30)
+        assert new["w"].dtype == jnp.bfloat16
+        mus = jax.tree.leaves(rollfast_prism.first_moment(state.inner_state))
+        assert len(mus) == 2 and {x.dtype for x in mus} == {jnp.dtype(jnp.bfloat16)}
+        assert losses[-1] < 0.1 * losses[0], (mode, rounding, losses[-1])
+
+
+def test_sharded_equals_unsharded():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    shard = lambda spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    params = {"w": _random((32, 16)), "v": _random((16, 32), 1), "b": jnp.zeros(32)}
+    loss = lambda p: jnp.sum(jnp.tanh(p["w"] @ p["v"]) ** 2) + jnp.sum((p["b"] - 1) ** 2)
+    for mode in MODES:
+        opt = rollfast.get("prism", learning_rate=0.05, mode=mode)
+        plain, _, _ = run(opt, params, loss, 2)
+        sharded = {"w": jax.device_put(params["w"], shard(("d", None))),
+                   "v": jax.device_put(params["v"], shard((None, "d"))),
+                   "b": jax.device_put(params["b"], shard(("d",)))}
+        got, _, _ = run(opt, sharded, loss, 2)
+        assert len(got["w"].sharding.device_set) == 8
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, plain)
+
+
+@pytest.mark.slow
+def test_beats_tuned_adamw_on_the_mlp_problem():
+    """50 steps; adamw tuned over {0.03, 0.1, 0.3} (best: 0.1, loss ≈ 0.020);
+    prism lr 0.2 (fallback at the same lr): original ≈ 0.0053, bidirectional ≈ 0.0046."""
+    params, loss = mlp_problem()
+    best_adamw = min(run(optax.adamw(lr), params, loss, 50)[2][-1] for lr in (0.03, 0.1, 0.3))
+    for mode in MODES:
+        final = run(rollfast.get("prism", learning_rate=0.2, mode=mode), params, loss, 50)[2][-1]
+        assert final < 0.5 * best_adamw, (mode, final, best_adamw)
+
+
+# --------------------------------------------------------------- options and errors
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError, match="b1 must be in"):
+        rollfast.get("prism", learning_rate=0.1, b1=1.0)
+    with pytest.raises(ValueError, match="gamma must be"):
+        rollfast.get("prism", learning_rate=0.1, gamma=-1.0)
+    with pytest.raises(ValueError, match="ns_iters"):
+        rollfast.get("prism", learning_rate=0.1, ns_iters=2.5)
+    with pytest.raises(ValueError, match="grad_clip_max_amps"):
+        rollfast.get("prism", learning_rate=0.1, grad_clip_max_amps=(1, 2, 3))
+    with pytest.raises(TypeError, match="fallback must be a family name"):
+        rollfast.get("prism", learning_rate=0.1, fallback=optax.sgd(0.1))
+    with pytest.raises(rollfast.UnknownNameError, match="did you mean 'bidirectional'"):
+        rollfast.get("prism", learning_rate=0.1, mode="bidirectionl")
+
+
+def test_clip_amp_forms():
+    g = {"w": 50.0 * _random((6, 5))}
+    for amps, bound in [(None, None), (0.5, 0.5), ((1.0, 0.01), 0.01)]:
+        opt = rollfast.get("prism", learning_rate=1.0, grad_clip_max_amps=amps)
+        u, _ = opt.update(g, opt.init(g), g)
+        if bound == 0.01:
+            assert float(jnp.abs(u["w"]).max()) <= 0.01 + 1e-7
+        elif bound is not None:
+            assert float(jnp.sqrt(jnp.mean(u["w"] ** 2))) <= bound + 1e-6
+
+
+def test_fallback_is_a_registry_family_with_its_own_options():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    g = {"w": _random((4, 3)), "b": jnp.array([1.0, -2.0, 0.5])}
+    opt = rollfast.get("prism", learning_rate=1.0, fallback="adam", adam_learning_rate=0.25)
+    u, _ = opt.update(g, opt.init(params), params)
+    np.testing.assert_allclose(u["b"], -0.25 * np.sign(g["b"]), rtol=1e-5)
+    with pytest.raises(rollfast.UnknownNameError, match="did you mean .*'adam'"):
+        rollfast.get("prism", learning_rate=1.0, fallback="adamx")
+
+
+def test_scale_by_prism_standalone_and_compat_names():
+    tx = rollfast_prism.scale_by_prism(mode="bidirectional", mu_dtype=jnp.bfloat16, round="stochastic",
+                                       weight_dimension_numbers={"w": MatrixSpec(1, 0), "b": None})
+    g = {"w": _random((5, 4)), "b": jnp.ones(4)}
+    u, state = jax.jit(tx.update)(g, tx.init(g))
+    assert state.mu["b"] is None and state.mu["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(u["b"], g["b"])
+    assert isinstance(state, rollfast_prism.ScaleByPrismState)
+    fn = rollfast.registry().lookup("mode", "bidirectional", "prism").impl["shape"]
+    assert fn is bidirectional.shape
+    assert "Yang" in rollfast.registry().lookup("family", "prism").references[0]
