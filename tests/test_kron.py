@@ -1,0 +1,290 @@
+"""The kron family pipeline (ALGORITHMS.md §1): identities, lazy init, clipping, skipping,
+convergence for every mode, jit, sharding, bf16, scanned layers, leaf shapes, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rollfast
+import rollfast.testing as rt
+from rollfast_psgd import kron, scale_by_kron
+
+MODES = [r.name for r in rollfast.available("mode", family="kron")]
+NO_CLIP = (1e9, 1e9)
+
+
+def tree_equal(a, b):
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def grads_like(params, seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(params)))
+    it = iter(keys)
+    return jax.tree.map(lambda p: jax.random.normal(next(it), p.shape, p.dtype), params)
+
+
+PARAMS = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
+
+
+def test_fixed_preconditioner_scales_the_momentum():
+    s, b1 = 1.5, 0.9
+    tx = scale_by_kron(b1=b1, preconditioner_update_probability=0.0, preconditioner_init_scale=s,
+                       grad_clip_max_amps=NO_CLIP)
+    state, step = tx.init(PARAMS), jax.jit(tx.update)
+    m = jax.tree.map(jnp.zeros_like, PARAMS)
+    for t in range(1, 4):
+        g = grads_like(PARAMS, t)
+        beta = min((t - 1) / t, b1)
+        m = jax.tree.map(lambda m, g: (1 - beta) * g + beta * m, m, g)
+        u, state = step(g, state)
+        for got, want in zip(jax.tree.leaves(u), jax.tree.leaves(m)):
+            np.testing.assert_allclose(got, s**2 * want, rtol=1e-5, atol=1e-7)
+    assert int(state.count) == 3
+
+
+def test_kron_adds_weight_decay_and_learning_rate():
+    opt = kron(learning_rate=0.5, b1=0.0, weight_decay=0.1, preconditioner_update_probability=0.0,
+               preconditioner_init_scale=1.0, grad_clip_max_amps=NO_CLIP)
+    params = {"w": jnp.full((2, 2), 2.0)}
+    u, _ = opt.update({"w": jnp.ones((2, 2))}, opt.init(params), params)
+    np.testing.assert_allclose(u["w"], -0.5 * (1.0 + 0.1 * 2.0))
+
+
+def test_lazy_init_scale_from_first_gradient():
+    tx = scale_by_kron(b1=0.0, preconditioner_update_probability=0.0)
+    g, step = grads_like(PARAMS, 0), jax.jit(tx.update)
+    _, state = step(g, tx.init(PARAMS))
+    s = (max(float(jnp.mean(x**4)) for x in jax.tree.leaves(g)) + 1e-36) ** (-1 / 8)
+    qw, qb, qs = state.qs["w"], state.qs["b"], state.qs["s"]
+    np.testing.assert_allclose(qw[0], s**0.5 * np.ones(4), rtol=1e-5)
+    np.testing.assert_allclose(qw[1], s**0.5 * np.eye(3), rtol=1e-5)
+    np.testing.assert_allclose(qb[0], s * np.ones(3), rtol=1e-5)
+    np.testing.assert_allclose(qs[0], [s], rtol=1e-5)
+    assert not bool(state.needs_scale_init)
+    _, again = step(g, state)
+    assert tree_equal(again.qs, state.qs) and tree_equal(again.ls, state.ls)
+
+
+def test_layout_of_factors():
+    params = {"skew": jnp.zeros((8, 3)), "square": jnp.zeros((5, 5)), "big": jnp.zeros((3, 20000)),
+              "vec": jnp.zeros(6), "conv": jnp.zeros((3, 3, 2, 4)), "row": jnp.zeros((1, 7))}
+    shapes = jax.tree.map(lambda q: q.shape, scale_by_kron().init(params).qs)
+    assert shapes["skew"] == ((8,), (3, 3))
+    assert shapes["square"] == ((5, 5), (5, 5))
+    assert shapes["big"] == ((3, 3), (20000,))
+    assert shapes["vec"] == ((6,),)
+    assert shapes["conv"] == ((3, 3), (3, 3), (2, 2), (4, 4))
+    assert shapes["row"] == ((1,), (7,))
+    one = jax.tree.map(lambda q: q.shape, scale_by_kron(memory_save_mode="one_diag").init(params).qs)
+    assert one["square"] == ((5, 5), (5,)) and one["conv"] == ((3, 3), (3, 3), (2, 2), (4,))
+    alld = jax.tree.map(lambda q: q.ndim, scale_by_kron(memory_save_mode="all_diag").init(params).qs)
+    assert set(jax.tree.leaves(alld)) == {1}
+
+
+def test_probability_zero_never_moves_factors_and_clip_bounds_updates():
+    opt = rollfast.get("kron", learning_rate=1.0, preconditioner_update_probability=0.0,
+                       preconditioner_init_scale=3.0)
+    params = {"w": jnp.zeros((6, 5))}
+    state = opt.init(params)
+    g = {"w": jnp.arange(30.0).reshape(6, 5) ** 2}
+    u, new = jax.jit(opt.update)(g, state, params)
+    assert tree_equal(new.inner_state[0].qs, state.inner_state[0].qs)
+    rms = float(jnp.sqrt(jnp.mean(u["w"] ** 2)))
+    assert rms <= 2.0 + 1e-5 and float(jnp.max(jnp.abs(u["w"]))) <= 10.0
+
+
+def test_global_rms_clip():
+    tx = scale_by_kron(b1=0.0, preconditioner_update_probability=0.0, preconditioner_init_scale=1.0,
+                       grad_clip_mode="global_rms", grad_clip_max_amps=0.5)
+    g = {"a": jnp.full((2, 2), 4.0), "b": jnp.full(4, 2.0)}
+    u, _ = tx.update(g, tx.init(g))
+    total = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(u)) / 8)
+    np.testing.assert_allclose(total, 0.5, rtol=1e-5)
+    np.testing.assert_allclose(u["a"] / u["b"][:1], 2.0)
+
+
+def test_determinism_and_count():
+    opt = rollfast.get("kron", learning_rate=0.1, preconditioner_update_probability=0.5, key=3)
+    params = rt.mixed_tree()
+    grads = jax.tree.map(lambda p: p * 0.3 + 0.1 if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    runs, step = [], jax.jit(opt.update)
+    for _ in range(2):
+        state = opt.init(params)
+        for _ in range(3):
+            u, state = step(grads, state, params)
+        runs.append((u, state))
+    assert tree_equal(runs[0], runs[1])
+    assert int(runs[0][1].inner_state[0].count) == 3
+    assert runs[0][0]["nothing"] is None and np.all(np.asarray(runs[0][0]["count"]) == 0)
+
+
+def test_nan_gradient_skips_the_step():
+    opt = rollfast.get("kron", learning_rate=0.1, permissive_spike_protection=False,
+                       preconditioner_update_probability=1.0)
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    step = jax.jit(opt.update)
+    state = opt.init(params)
+    _, state = step(grads_like(params, 0), state, params)
+    bad = {"w": jnp.ones((4, 4)).at[1, 2].set(jnp.nan), "b": jnp.full(4, jnp.inf)}
+    u, after = step(bad, state, params)
+    assert tree_equal(after, state)
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+    _, later = step(grads_like(params, 1), after, params)
+    assert all(bool(jnp.all(jnp.isfinite(q))) for q in jax.tree.leaves(later.inner_state[0].qs))
+
+
+def test_spike_skip_and_permissive_clip():
+    params = {"w": jnp.ones((3, 3))}
+    g = {"w": jnp.full((3, 3), 10.0)}
+    strict = scale_by_kron(raw_global_grad_clip=1.0, permissive_spike_protection=False,
+                           preconditioner_update_probability=0.5, preconditioner_init_scale=1.0)
+    state = strict.init(params)
+    u, after = jax.jit(strict.update)(g, state)
+    assert tree_equal(after, state) and float(jnp.max(jnp.abs(u["w"]))) == 0.0
+    lenient = scale_by_kron(b1=0.0, raw_global_grad_clip=1.0, preconditioner_update_probability=1.0,
+                            preconditioner_init_scale=1.0, update_preconditioner_first=False,
+                            grad_clip_max_amps=NO_CLIP)
+    u, after = jax.jit(lenient.update)(g, lenient.init(params))
+    np.testing.assert_allclose(u["w"], np.full((3, 3), 1 / 3), rtol=1e-5)
+    assert int(after.count) == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(grad_clip_mode="rms"), "grad_clip_mode must be one of"),
+    (dict(memory_save_mode="some_diag"), "memory_save_mode must be one of"),
+    (dict(whiten_grad=False, b1=0.0), "needs b1 > 0"),
+])
+def test_bad_options_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
+        rollfast.get("kron", **bad)
+
+
+def test_unknown_option_suggests():
+    with pytest.raises(TypeError, match="preconditioner_lr"):
+        rollfast.get("kron", precondtioner_lr=0.1)
+
+
+def test_first_moment_is_the_momentum():
+    family = rollfast.registry().lookup("family", "kron")
+    opt = kron(learning_rate=0.1)
+    params = {"w": jnp.ones((2, 3))}
+    g = {"w": jnp.full((2, 3), 2.0)}
+    _, state = opt.update(g, opt.init(params), params)
+    np.testing.assert_allclose(family.metadata["first_moment"](state)["w"], g["w"])
+    assert family.metadata["first_moment"](kron(b1=0.0).init(params)) is None
+
+
+def best_adam_loss(params, loss, steps):
+    return min(rt.run(optax.adam(lr), params, loss, steps)[2][-1] for lr in (0.03, 0.1, 0.3, 1.0, 3.0))
+
+
+@pytest.fixture(scope="module")
+def quadratic():
+    params, loss = rt.ill_conditioned_quadratic(dim=16, condition=1e4)
+    return params, loss, best_adam_loss(params, loss, 200)
+
+
+def slow_unless_default(modes):
+    return [m if m == "Q0.5EQ1.5" else pytest.param(m, marks=pytest.mark.slow) for m in modes]
+
+
+@pytest.mark.parametrize("mode", slow_unless_default(MODES))
+def test_beats_adam_on_ill_conditioned_quadratic(mode, quadratic):
+    params, loss, adam = quadratic
+    opt = rollfast.get("kron", learning_rate=0.03, mode=mode, preconditioner_update_probability=1.0)
+    final = rt.run(opt, params, loss, 200)[2][-1]
+    assert final < adam / 10, (final, adam)
+
+
+@pytest.mark.parametrize("mode", slow_unless_default(MODES))
+def test_trains_an_mlp(mode):
+    params, loss = rt.mlp_problem()
+    losses = rt.run(rollfast.get("kron", learning_rate=3e-3, mode=mode), params, loss, 100)[2]
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_bfloat16_params_and_state():
+    params, loss = rt.mlp_problem()
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    opt = rollfast.get("kron", learning_rate=3e-3, mu_dtype=jnp.bfloat16, precond_dtype=jnp.bfloat16,
+                       round="stochastic")
+    new, state, losses = rt.run(opt, params, loss, 60)
+    inner = state.inner_state[0]
+    assert {x.dtype for x in jax.tree.leaves(inner.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(inner.qs)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.bfloat16)}
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (4, 6), (1, 9), (9, 1), (2, 3, 4), (2, 3, 2, 3)],
+                         ids=["scalar", "vector", "matrix", "1xN", "Nx1", "3d", "4d"])
+def test_leaf_shapes_train(shape):
+    target = {"x": jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)}
+    params = {"x": jnp.zeros(shape)}
+    opt = rollfast.get("kron", learning_rate=0.05, preconditioner_update_probability=1.0)
+    new, state, losses = rt.run(opt, params, rt.quadratic_loss(target), 60)
+    assert losses[-1] < 0.1 * losses[0]
+    assert all(bool(jnp.all(jnp.isfinite(q))) for q in jax.tree.leaves(state))
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    """Updates of a stacked (3, 4, 3) leaf (vmap and lax.map) and of three (4, 3) leaves."""
+    rng = np.random.default_rng(0)
+    layers = [jnp.asarray(rng.standard_normal((4, 3)), jnp.float32) for _ in range(3)]
+    common = dict(learning_rate=0.1, preconditioner_init_scale=1.0, grad_clip_max_amps=NO_CLIP,
+                  preconditioner_update_probability=1.0)
+    stacked, separate = {"w": jnp.zeros((3, 4, 3))}, {f"w{i}": jnp.zeros((4, 3)) for i in range(3)}
+    runs = {}
+    for name, params, options in [
+            ("vmap", stacked, dict(scanned_layers={"w": True})),
+            ("lax.map", stacked, dict(scanned_layers={"w": True}, lax_map_scanned_layers=True,
+                                      lax_map_batch_size=2)),
+            ("separate", separate, {})]:
+        opt = rollfast.get("kron", **common, **options)
+        state, step = opt.init(params), jax.jit(opt.update)
+        for t in range(4):
+            g = [x * (1 + t) for x in layers]
+            g = {"w": jnp.stack(g)} if "w" in params else {f"w{i}": x for i, x in enumerate(g)}
+            u, state = step(g, state, params)
+        runs[name] = (u, state)
+    return runs
+
+
+def test_scanned_layers_match_separate_leaves(scanned):
+    """Same math per layer; the leaves differ only in their random probes and bound keys."""
+    (us, state), (ul, _) = scanned["vmap"], scanned["separate"]
+    assert [q.shape for q in state.inner_state[0].qs["w"]] == [(3, 4), (3, 3, 3)]
+    for i in range(3):
+        np.testing.assert_allclose(us["w"][i], ul[f"w{i}"], rtol=2e-3, atol=1e-6)
+
+
+def test_lax_map_scanned_layers_equals_vmap(scanned):
+    np.testing.assert_allclose(scanned["lax.map"][0]["w"], scanned["vmap"][0]["w"], rtol=1e-6)
+
+
+def test_sharded_params_match_unsharded():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    target = {"w": jax.random.normal(jax.random.PRNGKey(1), (16, 24)), "b": jnp.ones(16)}
+    full = rt.quadratic_loss(target)
+    params = {"w": jnp.zeros((16, 24)), "b": jnp.zeros(16)}
+    sharded = jax.tree.map(lambda v: jax.device_put(v, NamedSharding(mesh, P("d"))), params)
+    opt = rollfast.get("kron", learning_rate=1e-2, preconditioner_update_probability=1.0)
+    ref, _, _ = rt.run(opt, params, full, 4)
+    got, state, _ = rt.run(opt, sharded, full, 4)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    mu = state.inner_state[0].mu
+    assert mu["w"].sharding.is_equivalent_to(sharded["w"].sharding, 2)
+
+
+def test_listed_by_the_cli(capsys):
+    from rollfast.cli import main
+
+    main(["list"])
+    out = capsys.readouterr().out
+    assert "CAYLEY" in out and "rollfast-kron-cayley" in out and "Q0.5EQ1.5" in out
