@@ -88,14 +88,9 @@ def test_optax_options_are_passed_through():
 
 # -- registry records ---------------------------------------------------------------
 
-def _families():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rollfast.RollfastPluginWarning)
-        return rollfast.available("family")
-
-
+@pytest.mark.filterwarnings("ignore::rollfast.RollfastPluginWarning")
 def test_at_least_forty_families_each_with_its_provider():
-    records = _families()
+    records = rollfast.available("family")
     assert len(records) >= 40
     assert all(r.provider.plugin and r.provider.distribution for r in records)
     from_optax = {r.name for r in records if r.provider.plugin == "optax"}
