@@ -48,6 +48,13 @@ def test_mixed_tree_under_jit(variant, dtype):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_state_buffers_are_distinct(variant):
+    """Every state array is its own buffer, so a jitted step may donate the state."""
+    leaves = jax.tree.leaves(build(variant).init(rt.mixed_tree()))
+    assert len({id(x) for x in leaves}) == len(leaves)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_non_finite_gradients_skip_the_step(variant):
     params = {"m": jnp.ones((4, 3)), "v": jnp.ones(5)}
     opt = build(variant)

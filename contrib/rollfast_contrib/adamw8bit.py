@@ -178,16 +178,19 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
 
     def small(p):
-        return p.size < max(min_8bit_size, 1)
+        return jnp.size(p) < max(min_8bit_size, 1)
 
     def init(params):
         def leaf(_, p):
-            zeros = jnp.zeros(jnp.shape(p), jnp.float32)
-            if small(zeros):
-                return MomentsLeaf(zeros, zeros)
-            absmax = jnp.zeros(-(-zeros.size // block_size), jnp.float32)
-            zero_code = lambda signed: jnp.full(zeros.shape, 127 if signed else 0, jnp.uint8)
-            return MomentsLeaf(Quantized(zero_code(True), absmax), Quantized(zero_code(False), absmax))
+            shape = jnp.shape(p)
+            if small(p):
+                return MomentsLeaf(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+            def zero(signed):
+                absmax = jnp.zeros(-(-p.size // block_size), jnp.float32)
+                return Quantized(jnp.full(shape, 127 if signed else 0, jnp.uint8), absmax)
+
+            return MomentsLeaf(zero(True), zero(False))
         return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), init_leaves(leaf, params))
 
     def update(updates, state, params=None):

@@ -118,8 +118,8 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
         def leaf(_, p):
             shape = jnp.shape(p)
             moments = layout(shape)[2] if len(shape) >= 2 else shape
-            zeros = jnp.zeros(moments, jnp.float32)
-            return ApolloLeaf(zeros, zeros, jnp.zeros([], jnp.float32))
+            return ApolloLeaf(jnp.zeros(moments, jnp.float32), jnp.zeros(moments, jnp.float32),
+                              jnp.zeros([], jnp.float32))
         k = key if isinstance(key, jax.Array) and key.ndim else jax.random.PRNGKey(key)
         return ScaleByApolloState(jnp.zeros([], jnp.int32), init_leaves(leaf, params), k)
 

@@ -120,7 +120,7 @@ def scale_by_normuon(b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-1, rms
     def init(params):
         def leaf(_, p):
             mu = jnp.zeros(jnp.shape(p), jnp.float32)
-            nu = jnp.zeros(jnp.shape(p)[neuron_axis], jnp.float32) if jnp.ndim(p) >= 2 else mu
+            nu = jnp.zeros(jnp.shape(p)[neuron_axis] if jnp.ndim(p) >= 2 else jnp.shape(p), jnp.float32)
             return NorMuonLeaf(mu, nu)
         return ScaleByNorMuonState(jnp.zeros([], jnp.int32), init_leaves(leaf, params))
 
