@@ -59,7 +59,9 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
 
     :math:`\Delta' = b\,s\,\Delta`, :math:`b\sim\mathrm{Bernoulli}(p)` per leaf,
     :math:`s` the EMA of :math:`\sigma(\cos(g, m)/\tau)` (see the module docstring).
-    A step with a non-finite gradient is skipped (zero update, state unchanged).
+    A non-finite gradient gives a zero update and leaves Magma's own state (scores,
+    EMA) unchanged; the wrapped family's state is the family's business (add a
+    ``clip`` option or Schedule-Free around it to skip such steps entirely).
 
     Args:
       magma_p: probability that a leaf's update is kept.
@@ -77,7 +79,7 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
     import jax
     import jax.numpy as jnp
     import optax
-    from rollfast_clip import all_finite, skip_unless
+    from rollfast_clip import keep_if
     from rollfast_rounding import absent, as_key, is_float, leaf_keys
 
     if not 0.0 <= magma_p <= 1.0:
@@ -112,31 +114,33 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
         key_next, k_mask = jax.random.split(state.key)
         if axis_name is not None:
             k_mask = jax.lax.pmin(k_mask, axis_name)
+        sums = [_sums(g, m, axis_name) if is_float(u) and not absent(m) else None
+                for u, g, m in zip(flat_u, flat_g, flat_m)]
+        ok = jnp.all(jnp.asarray([jnp.isfinite(t[1]) for t in sums if t is not None]))
         out, scores = [], []
-        for u, g, m, s, k in zip(flat_u, flat_g, flat_m, treedef.flatten_up_to(state.score),
-                                 leaf_keys(k_mask, len(flat_u))):
-            if not is_float(u) or absent(m):
+        for u, s, k, sums in zip(flat_u, treedef.flatten_up_to(state.score),
+                                 leaf_keys(k_mask, len(flat_u)), sums):
+            if sums is None:
                 out.append(u)
                 scores.append(s)
                 continue
-            s = SCORE_DECAY * s + (1 - SCORE_DECAY) * jax.nn.sigmoid(_cosine(g, m, axis_name) / magma_tau)
-            keep = jax.random.bernoulli(k, magma_p)
-            out.append(u * (keep * s).astype(u.dtype))
-            scores.append(s)
-        new = MagmaState(inner_state, treedef.unflatten(scores), ema, key_next)
-        return skip_unless(all_finite(grads, axis_name), treedef.unflatten(out), new, state)
+            cos = sums[0] / jnp.maximum(jnp.sqrt(sums[1]) * jnp.sqrt(sums[2]), 1e-12)
+            cos = jnp.clip(jnp.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+            new_s = SCORE_DECAY * s + (1 - SCORE_DECAY) * jax.nn.sigmoid(cos / magma_tau)
+            keep = jax.random.bernoulli(k, magma_p) & ok
+            out.append(jnp.where(keep, u * new_s.astype(u.dtype), jnp.zeros_like(u)))
+            scores.append(jnp.where(ok, new_s, s))
+        ema = keep_if(ok, ema, state.ema)
+        return treedef.unflatten(out), MagmaState(inner_state, treedef.unflatten(scores), ema, key_next)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _cosine(g, m, axis_name=None):
-    """Cosine of two tensors in float32; 0 where undefined (zero or non-finite)."""
+def _sums(g, m, axis_name=None):
+    """``[Σ g·m, Σ g², Σ m²]`` in float32 (summed over ``axis_name``)."""
     import jax
     import jax.numpy as jnp
 
     g, m = g.astype(jnp.float32), m.astype(jnp.float32)
     sums = jnp.stack([jnp.sum(g * m), jnp.sum(g * g), jnp.sum(m * m)])
-    if axis_name is not None:
-        sums = jax.lax.psum(sums, axis_name)
-    cos = sums[0] / jnp.maximum(jnp.sqrt(sums[1]) * jnp.sqrt(sums[2]), 1e-12)
-    return jnp.clip(jnp.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)

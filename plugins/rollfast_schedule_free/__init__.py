@@ -101,7 +101,8 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         floats = [p.dtype for p in jax.tree.leaves(params) if is_float(p)]
         store = jnp.dtype(state_dtype) if state_dtype is not None else min(
             floats, key=lambda d: jnp.finfo(d).nmant, default=jnp.dtype(jnp.float32))
-        z = jax.tree.map(lambda p: p.astype(store) if is_float(p) else None, params, is_leaf=absent)
+        z = jax.tree.map(lambda p: jnp.array(p, store, copy=True) if is_float(p) else None, params,
+                         is_leaf=absent)  # a copy: z must not alias (donated) params
         return ScheduleFreeState(inner.init(params), jnp.asarray(float(sf_b1)), jnp.asarray(0.0),
                                  jnp.zeros([], jnp.int32), z, jax.random.fold_in(as_key(key), KEY_TAG))
 
