@@ -231,7 +231,7 @@ def apollo_ref(grads, projections, mini, b1=0.9, b2=0.999, eps=1e-8, limit=1.01)
             s = np.linalg.norm(ra, axis=axis, keepdims=True) / (np.linalg.norm(r, axis=axis, keepdims=True) + 1e-8)
         gs = g * s
         norm = np.linalg.norm(gs)
-        if prev is not None and norm > limit * prev:
+        if prev and norm > limit * prev:
             gs = gs * limit * prev / norm
             norm = limit * prev
         prev = norm
@@ -261,6 +261,15 @@ def test_apollo_limiter_caps_norm_growth():
     u1, state = opt.update({"w": g}, state, params)
     u2, _ = opt.update({"w": 100 * g}, state, params)
     assert float(jnp.linalg.norm(u2["w"])) <= 1.01 * float(jnp.linalg.norm(u1["w"])) * (1 + 1e-5)
+
+
+def test_apollo_limiter_does_not_stick_after_a_zero_gradient():
+    opt = rollfast.get("apollo", learning_rate=1.0, weight_decay=0.0, rank=2)
+    params = {"w": jnp.zeros((4, 6))}
+    state = opt.init(params)
+    _, state = opt.update({"w": jnp.zeros((4, 6))}, state, params)
+    u, _ = opt.update({"w": jnp.ones((4, 6))}, state, params)
+    assert float(jnp.abs(u["w"]).min()) > 0.1
 
 
 def test_apollo_projection_is_unbiased():

@@ -70,10 +70,11 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
         \tilde R_t = \frac{M_t/(1-\beta_1^t)}{\sqrt{V_t/(1-\beta_2^t)}+\epsilon},\\
         s_j = \frac{\lVert \tilde R_{t,:j}\rVert}{\lVert R_{t,:j}\rVert + 10^{-8}}\ \text{(per channel)},\quad
         \tilde G_t = G_t\,\mathrm{diag}(s),\\
-        \tilde G_t \leftarrow \tilde G_t\cdot\min\!\Big(1, \frac{\gamma\,\lVert\tilde G_{t-1}\rVert}{\lVert\tilde G_t\rVert}\Big)\ (t>1),\qquad
+        \tilde G_t \leftarrow \tilde G_t\cdot\min\!\Big(1, \frac{\gamma\,\lVert\tilde G_{t-1}\rVert}{\lVert\tilde G_t\rVert}\Big)\ (\tilde G_{t-1}\ne0),\qquad
         u_t = \alpha\,\tilde G_t
 
-    with the norm-growth limit γ, and α = ``scale``. ``variant="mini"`` (APOLLO-Mini):
+    with the norm-growth limit γ (not applied after a zero step, which would pin every
+    later step to zero), and α = ``scale``. ``variant="mini"`` (APOLLO-Mini):
     rank 1, one tensor-wise factor ``s = ‖R̃‖/‖R‖``, α = √128. Moments are kept across
     projection refreshes. Leaves of rank < 2 take Adam's direction (no limiter).
 
@@ -150,7 +151,7 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
             norm = jnp.linalg.norm(scaled)
             if norm_growth_limit is not None:
                 cap = norm_growth_limit * s.prev_norm
-                shrink = jnp.where((state.count > 0) & (norm > cap), cap / jnp.maximum(norm, 1e-30), 1.0)
+                shrink = jnp.where((s.prev_norm > 0) & (norm > cap), cap / jnp.maximum(norm, 1e-30), 1.0)
                 scaled, norm = scaled * shrink, norm * shrink
             u = (alpha * scaled).reshape(g.shape).astype(g.dtype)
             return u, ApolloLeaf(mu, nu, norm)
