@@ -26,15 +26,10 @@ def config(name, lr=0.1, track=True):
 
 
 # ---------------------------------------------------------------- float64 reference
-def normal32(key, shape):
-    return np.asarray(jax.random.normal(key, shape, jnp.float32), np.float64)
-
-
-def power_bound(a, scale, key):
+def power_bound(a, scale, probe):
     a = a / scale
     row = a[np.argmax(np.sum(a * a, axis=1))]
-    v = normal32(key, (32, a.shape[0]))
-    v = row + np.sign(v @ row)[:, None] * v
+    v = row + np.sign(probe @ row)[:, None] * probe
     for _ in range(2):
         v = v @ a
         v = v / (np.linalg.norm(v, axis=1, keepdims=True) + TINY)
@@ -42,8 +37,8 @@ def power_bound(a, scale, key):
     return scale * np.max(np.linalg.norm(v, axis=1))
 
 
-def nlb_spd(a, key):
-    return power_bound(a, np.max(np.diag(a)) + TINY, key)
+def nlb_spd(a, probe):
+    return power_bound(a, np.max(np.diag(a)) + TINY, probe)
 
 
 def sym(a):
@@ -54,9 +49,9 @@ def e_hat(t):
     return sym(t.t1) - t.t2 * np.eye(len(t.t1))
 
 
-def ref_procrustes(q, key):
+def ref_procrustes(q, probe):
     r = q.T - q
-    r = r / (power_bound(r, np.max(np.abs(r)) + TINY, key) + TINY)
+    r = r / (power_bound(r, np.max(np.abs(r)) + TINY, probe) + TINY)
     rq = r @ q
     rrq = r @ rq
     t1, t2 = np.trace(rq), np.trace(rrq)
@@ -64,9 +59,9 @@ def ref_procrustes(q, key):
     return q + a * (rq + a / 2 * rrq)
 
 
-def ref_ns(q, key, iters):
+def ref_ns(q, probe, iters):
     """At least ``iters`` Newton–Schulz steps, then on to max|XᵀX − I| ≤ 1e-4 (≤ iters + 40)."""
-    x = q / (np.sqrt(nlb_spd(q.T @ q, key)) + np.finfo(np.float32).eps)
+    x = q / (np.sqrt(nlb_spd(q.T @ q, probe)) + np.finfo(np.float32).eps)
     i = 0
     while i < iters or (i < iters + 40 and np.max(np.abs(x.T @ x - np.eye(len(q)))) > 1e-4):
         x = 0.5 * x @ (3 * np.eye(len(q)) - x.T @ x)
@@ -81,8 +76,8 @@ def ref_expm(a):
 
 REFERENCES = {
     "EQ": lambda q, t: q - t.eta * np.triu(t.t1 - t.t2) @ q,
-    "Q0.5EQ1.5": lambda q, t: ref_procrustes(q - t.eta * (t.t1 @ q - t.t2 * q), t.key),
-    "NS": lambda q, t: ref_ns(q - t.eta * (t.t1 @ q - t.t2 * q), t.key, 5),
+    "Q0.5EQ1.5": lambda q, t: ref_procrustes(q - t.eta * (t.t1 @ q - t.t2 * q), t.probe),
+    "NS": lambda q, t: ref_ns(q - t.eta * (t.t1 @ q - t.t2 * q), t.probe, 5),
     "QUAD": lambda q, t: sym((np.eye(len(q)) - t.eta / 2 * (t.t1 - t.t2 * np.eye(len(q)))) @ q
                              @ (np.eye(len(q)) - t.eta / 2 * (t.t1 - t.t2 * np.eye(len(q))))),
     "EXP": lambda q, t: sym(q @ ref_expm(-t.eta * e_hat(t))),
@@ -117,7 +112,7 @@ def gram(z, axis, dense):
     return np.tensordot(z, z, axes=(others, others)) if dense else np.sum(z * z, axis=others)
 
 
-def reference_update(name, qs, ls, h, v, key, lr=0.1):
+def reference_update(name, qs, ls, h, v, probes, lr=0.1):
     """Float64 re-implementation of one preconditioner update (ALGORITHMS.md §1.7, §1.8, §2)."""
     spec = record(name).impl
     stat = spec.get("statistic", "Ph")
@@ -131,18 +126,18 @@ def reference_update(name, qs, ls, h, v, key, lr=0.1):
         for i, q in enumerate(qs):
             b = along(np.linalg.inv(q).T if q.ndim == 2 else 1 / q, b, i)
     out_q, out_l = [], []
-    for i, (q, k) in enumerate(zip(qs, jax.random.split(key, len(qs)))):
-        k_norm, k_geom = jax.random.split(k)
+    for i, (q, probe) in enumerate(zip(qs, probes)):
+        p_bound, p_geom = probe if q.ndim == 2 else (None, None)
         dense = q.ndim == 2
         t1 = gram(x, i, dense)
         if b is None:
             t1, t2 = t1 + DAMPING, h.size / len(q)
-            bound = nlb_spd(t1, k_norm) + t2 if dense else np.max(t1 + t2)
+            bound = nlb_spd(t1, p_bound) + t2 if dense else np.max(t1 + t2)
         else:
             t2 = gram(b, i, dense)
-            bound = nlb_spd(t1 + t2, k_norm) if dense else np.max(t1 + t2)
+            bound = nlb_spd(t1 + t2, p_bound) if dense else np.max(t1 + t2)
         l_new = max(0.9 * ls[i] + 0.1 * bound, bound)
-        terms = types.SimpleNamespace(t1=t1, t2=t2, eta=lr / l_new, bound=bound, key=k_geom,
+        terms = types.SimpleNamespace(t1=t1, t2=t2, eta=lr / l_new, bound=bound, probe=p_geom,
                                       newton_schulz_iters=5)
         out_q.append(geometry(name)(q, terms) if dense else np.abs(q * (1 - terms.eta * (t1 - t2))))
         out_l.append(l_new)
@@ -170,16 +165,18 @@ def test_factor_update_matches_float64_reference(name, shape):
     ls = [0.0] * len(qs)
     h = rng.standard_normal(shape) * np.linspace(0.2, 3.0, shape[-1])
     v = rng.standard_normal(shape)
-    key = jax.random.PRNGKey(7)
+    probes = [rng.standard_normal((2, 32, len(q))).astype(np.float32) if q.ndim == 2 else None
+              for q in qs]
     cfg = config(name)
     with jax.default_matmul_precision("highest"):
         step = jax.jit(lambda q, l: update_factors(q, l, jnp.asarray(h, jnp.float32),
-                                                   jnp.asarray(v, jnp.float32), key, False, cfg))
+                                                   jnp.asarray(v, jnp.float32), probes, False, cfg))
         jq = [jnp.asarray(q, jnp.float32) for q in qs]
         jl = [jnp.zeros([], jnp.float32) for _ in qs]
         for _ in range(10):
             jq, jl = step(jq, jl)
-            qs, ls = reference_update(name, qs, ls, h, v, key)
+            qs, ls = reference_update(name, qs, ls, h, v, [None if p is None else p.astype(np.float64)
+                                                            for p in probes])
     for got, want in zip(jq, qs):
         err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
         assert err < 1e-5, f"{name}: relative error {err:.2e} after 10 updates"
@@ -192,7 +189,8 @@ def test_factor_shape_invariants(name):
     qs = [jnp.eye(5), jnp.ones(9)]
     ls = [jnp.zeros([]), jnp.zeros([])]
     cfg = config(name)
-    step = jax.jit(lambda q, l, h, v: update_factors(q, l, h, v, jax.random.PRNGKey(1), False, cfg))
+    probes = [jax.random.normal(jax.random.PRNGKey(1), (2, 32, 5)), None]
+    step = jax.jit(lambda q, l, h, v: update_factors(q, l, h, v, probes, False, cfg))
     for _ in range(5):
         h = jnp.asarray(rng.standard_normal((5, 9)) * 3, jnp.float32)
         qs, ls = step(qs, ls, h, jnp.asarray(rng.standard_normal((5, 9)), jnp.float32))
@@ -211,7 +209,8 @@ def test_zero_preconditioner_lr_keeps_factors(name):
         q = q @ q.T
     qs = [jnp.asarray(q, jnp.float32), jnp.full(3, 0.7)]
     h = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
-    new, _ = update_factors(qs, [jnp.zeros([])] * 2, h, h, jax.random.PRNGKey(1), False, config(name, lr=0.0))
+    probes = [jax.random.normal(jax.random.PRNGKey(1), (2, 32, 4)), None]
+    new, _ = update_factors(qs, [jnp.zeros([])] * 2, h, h, probes, False, config(name, lr=0.0))
     for a, b in zip(new, qs):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -231,9 +230,10 @@ def test_whitening_fixed_point(name):
 
     def body(carry, k):
         qs, ls = carry
-        kh, kv, ku = jax.random.split(k, 3)
+        kh, kv, kp = jax.random.split(k, 3)
         h = root @ jax.random.normal(kh, (d, 1))
-        return update_factors(qs, ls, h, jax.random.normal(kv, (d, 1)), ku, False, cfg), None
+        probes = [jax.random.normal(kp, (2, 32, d)), None]
+        return update_factors(qs, ls, h, jax.random.normal(kv, (d, 1)), probes, False, cfg), None
 
     start = ([jnp.eye(d), jnp.ones(1)], [jnp.zeros([]), jnp.zeros([])])
     (qs, _), _ = jax.lax.scan(body, start, jax.random.split(jax.random.PRNGKey(0), 4000))

@@ -23,13 +23,15 @@ Per leaf it forms, once and from the old factors, the statistic ``X = P·h``
 * ``bound``: ℓ = ``nlb_spd(t1) + t2`` (``nlb_spd(t1 + t2)`` for a matrix ``t2``), or
   ``max(t1 + t2)`` for a diagonal factor; ``eta`` = η₀ / L with
   ``L = max(β L + (1-β) ℓ, ℓ)`` (or η₀ / ℓ without ``track_lipschitz``);
-* ``key``: a PRNG key for the geometry; ``newton_schulz_iters``: the family option.
+* ``probe``: a ``(32, d)`` standard normal matrix for the geometry's randomised norm
+  bounds; ``newton_schulz_iters``: the family option.
 
 The mode returns the moved factor: ``update_dense(q, terms) -> q`` for a float32
 ``(d, d)`` factor, and optionally ``update_diag(q, terms) -> q`` for a ``(d,)``
 factor (default: ``|q ⊙ (1 − η (t1 − t2))|``, Li's diagonal rule). The family casts,
-balances and stores the result; a mode holds no state and draws randomness only
-from ``terms.key``. Shared building blocks (norm bounds, Procrustes, Newton–Schulz,
+balances and stores the result; a mode holds no state and its only randomness is
+``terms.probe`` (all of a step's probes come from one draw of the state key, which
+keeps compilation small). Shared building blocks (norm bounds, Procrustes, Newton–Schulz,
 ``whitening_error``) are in :mod:`rollfast_psgd.linalg`.
 
 Non-finite gradients: the step is skipped — zero updates and the ``scale_by_kron``

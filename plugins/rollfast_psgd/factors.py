@@ -21,14 +21,15 @@ class FactorTerms(NamedTuple):
     ``t1``: Gram of the statistic along the factor's axis (``+ damping`` unless the mode
     uses the inverse probe); ``t2``: ``n/d`` (a scalar) or the Gram of ``Q^{-T}v``;
     ``eta``: the normalised step; ``bound``: the curvature bound ℓ of this update;
-    ``key``: a PRNG key for the geometry; ``newton_schulz_iters``: the family option.
+    ``probe``: a ``(32, d)`` standard normal matrix for the geometry's own randomised
+    norm bounds (see :mod:`rollfast_psgd.linalg`); ``newton_schulz_iters``: the family option.
     """
 
     t1: object
     t2: object
     eta: object
     bound: object
-    key: object
+    probe: object
     newton_schulz_iters: int
 
 
@@ -241,7 +242,7 @@ class UpdateConfig(NamedTuple):
     axis_name: object = None
 
 
-def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
+def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig):
     r"""One preconditioner update of a leaf's factors (float32, un-stacked leaf).
 
     The statistic :math:`X = Qh` or :math:`Ph` (and :math:`B = Q^{-T}v` for inverse-probe
@@ -259,7 +260,8 @@ def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
       ls: their Lipschitz estimates, or ``None``.
       h: the probe gradient.
       v: the probe noise.
-      key: the leaf's key (split into one per factor, then into bound and geometry keys).
+      probes: per factor, ``None`` (diagonal) or a ``(2, 32, d)`` standard normal array:
+        the probe of the bound ℓ and that of the geometry.
       balance: a boolean scalar.
       cfg: the :class:`UpdateConfig`.
 
@@ -270,7 +272,7 @@ def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
     >>> from rollfast_psgd.factors import UpdateConfig, mode_spec
     >>> cfg = UpdateConfig(mode_spec({"update_dense": lambda q, t: q}), 0.1, 0.9, True, 1e-9, 5)
     >>> qs, ls = update_factors([jnp.ones(2)], [jnp.zeros([])], jnp.zeros(2), jnp.ones(2),
-    ...                         jax.random.PRNGKey(0), False, cfg)
+    ...                         [None], False, cfg)
     >>> qs[0]
     Array([1.1, 1.1], dtype=float32)
     """
@@ -285,9 +287,9 @@ def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
     b = inverse_probe(qs, v) if spec.inverse_probe else None
     mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
     new_qs, new_ls = [], []
-    for i, (q, k) in enumerate(zip(qs, jax.random.split(key, len(qs)))):
+    for i, (q, probe) in enumerate(zip(qs, probes)):
         dense = q.ndim == 2
-        k_norm, k_geom = jax.random.split(k)
+        p_bound, p_geom = probe if dense else (None, None)
         t1 = mean(gram(x, i, dense))
         if b is None:
             t1, t2 = t1 + cfg.damping, jnp.float32(h.size / q.shape[0])
@@ -296,9 +298,9 @@ def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
         if not dense:
             bound = jnp.max(t1 + t2)
         elif b is None:
-            bound = nlb_spd(t1, k_norm) + t2
+            bound = nlb_spd(t1, p_bound) + t2
         else:
-            bound = nlb_spd(t1 + t2, k_norm)
+            bound = nlb_spd(t1 + t2, p_bound)
         if cfg.axis_name:
             bound = jax.lax.pmax(bound, cfg.axis_name)
         if cfg.track_lipschitz:
@@ -307,7 +309,7 @@ def update_factors(qs, ls, h, v, key, balance, cfg: UpdateConfig):
             new_ls.append(l_new)
         else:
             eta = cfg.preconditioner_lr / (bound + tiny)
-        terms = FactorTerms(t1, t2, eta, bound, k_geom, cfg.newton_schulz_iters)
+        terms = FactorTerms(t1, t2, eta, bound, p_geom, cfg.newton_schulz_iters)
         move = spec.update_dense if dense else (spec.update_diag or diag_step)
         new_qs.append(move(q, terms).astype(jnp.float32))
     if len(new_qs) > 1:

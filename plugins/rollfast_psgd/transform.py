@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from rollfast_psgd.factors import MEMORY_SAVE_MODES, UpdateConfig, mode_spec
+from rollfast_psgd.linalg import PROBES
 from rollfast_psgd.schedule import precond_update_prob_schedule
 
 GRAD_CLIP_MODES = ("per_tensor_rms", "global_rms")
@@ -190,15 +191,18 @@ def scale_by_kron(
     def update_preconditioner(qs, ls, signal, leaf_plans, k):
         from rollfast_psgd.factors import update_factors
 
-        k_noise, k_layers, k_balance = jax.random.split(k, 3)
+        k_noise, k_probes, k_balance = jax.random.split(k, 3)
         balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
-        noise_keys = jax.random.split(k_noise, len(signal))
-        layer_keys = jax.random.split(k_layers, len(signal))
+        noise = iter(_pooled_normal(k_noise, [x.shape for x in signal]))
+        dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
+                for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
+        probes = iter(_pooled_normal(k_probes, [(2, PROBES, d) for d in dims]))
         new_qs, new_ls = [], []
-        for i, (x, (scanned, _)) in enumerate(zip(signal, leaf_plans)):
-            v = jax.random.normal(noise_keys[i], x.shape, f32)
+        for i, (x, (scanned, dense)) in enumerate(zip(signal, leaf_plans)):
+            v = next(noise)
             h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
-            step = lambda q, l, h, v, k=layer_keys[i]: update_factors(q, l, h, v, k, balance, cfg)
+            leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
+            step = lambda q, l, h, v, p=leaf_probes: update_factors(q, l, h, v, p, balance, cfg)
             q, l = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
                                             view(h.astype(f32), scanned), view(v, scanned))
             new_qs.append(q)
@@ -298,6 +302,20 @@ def _rounding(rule):
 
         return rollfast.registry().lookup("round", rule or "nearest").factory()
     return rule
+
+
+def _pooled_normal(key, shapes) -> list:
+    """Standard normal arrays of the given shapes, all from one draw of ``key``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sizes = [int(np.prod(s)) for s in shapes]
+    if not sizes:
+        return []
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    ends = np.cumsum(sizes)
+    return [flat[end - size:end].reshape(shape) for size, end, shape in zip(sizes, ends, shapes)]
 
 
 def _scanned_flags(tree, scanned_layers, n) -> list[bool]:

@@ -25,13 +25,13 @@ def ns_dense(q, terms):
       q: the ``(d, d)`` factor.
       terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
 
-    >>> import jax, jax.numpy as jnp
+    >>> import jax.numpy as jnp
     >>> from rollfast_psgd.factors import FactorTerms
-    >>> t = FactorTerms(jnp.eye(2) * 3, 1.0, 0.25, 4.0, jax.random.PRNGKey(0), 5)
+    >>> t = FactorTerms(jnp.eye(2) * 3, 1.0, 0.25, 4.0, jnp.ones((32, 2)), 5)
     >>> ns_dense(jnp.eye(2), t)
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
     from rollfast_psgd.linalg import ns_spd
 
-    return ns_spd(q - terms.eta * (terms.t1 @ q - terms.t2 * q), terms.key, terms.newton_schulz_iters)
+    return ns_spd(q - terms.eta * (terms.t1 @ q - terms.t2 * q), terms.probe, terms.newton_schulz_iters)
