@@ -157,6 +157,22 @@ def ns_spd(q, probe, iters):
     return sym(x.T @ q)
 
 
+def left_step(q, terms, fraction=1.0):
+    r"""The Euclidean step of the P-modes: :math:`Q - c\,\eta\,(T_1 - T_2 I)\,Q`.
+
+    Args:
+      q: a dense factor.
+      terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
+      fraction: the fraction :math:`c` of the step.
+
+    >>> import jax.numpy as jnp
+    >>> from rollfast_psgd.factors import FactorTerms
+    >>> left_step(jnp.eye(1), FactorTerms(jnp.eye(1) * 3, 1.0, 0.25, 4.0, None, 5))
+    Array([[0.5]], dtype=float32)
+    """
+    return q - fraction * terms.eta * (terms.t1 @ q - terms.t2 * q)
+
+
 def whitening_error(terms):
     r"""The symmetric whitening error :math:`\hat E = \operatorname{sym}(T_1) - T_2 I`
     of a dense factor's terms (zero at the fixed point).

@@ -32,6 +32,6 @@ def ns_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    from rollfast_psgd.linalg import ns_spd
+    from rollfast_psgd.linalg import left_step, ns_spd
 
-    return ns_spd(q - terms.eta * (terms.t1 @ q - terms.t2 * q), terms.probe, terms.newton_schulz_iters)
+    return ns_spd(left_step(q, terms), terms.probe, terms.newton_schulz_iters)

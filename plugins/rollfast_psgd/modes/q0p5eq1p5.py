@@ -32,6 +32,6 @@ def q0p5eq1p5_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    from rollfast_psgd.linalg import procrustes
+    from rollfast_psgd.linalg import left_step, procrustes
 
-    return procrustes(q - terms.eta * (terms.t1 @ q - terms.t2 * q), terms.probe)
+    return procrustes(left_step(q, terms), terms.probe)

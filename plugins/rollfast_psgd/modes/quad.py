@@ -28,8 +28,6 @@ def quad_dense(q, terms):
     Array([[0.25, 0.  ],
            [0.  , 0.25]], dtype=float32)
     """
-    from rollfast_psgd.linalg import sym
+    from rollfast_psgd.linalg import left_step, sym
 
-    half = 0.5 * terms.eta
-    left = q - half * (terms.t1 @ q - terms.t2 * q)
-    return sym(left - half * (left @ terms.t1 - terms.t2 * left))
+    return sym(left_step(left_step(q, terms, 0.5).T, terms, 0.5).T)
