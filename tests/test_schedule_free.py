@@ -182,6 +182,20 @@ def test_none_int_leaves_and_jit():
     assert isinstance(state, ScheduleFreeState) and int(state.step_count) == 20
 
 
+def test_non_finite_gradient_is_skipped_and_clip_protects_the_family():
+    p = {"w": jnp.ones(3)}
+    bad = {"w": jnp.array([1.0, jnp.nan, 1.0])}
+    for extra in ({}, {"raw_global_grad_clip": 10.0}):
+        opt = rollfast.get("adamw", learning_rate=0.1, average="schedule_free", **extra)
+        state = opt.init(p)
+        u, new = jax.jit(opt.update)(bad, state, p)
+        np.testing.assert_array_equal(u["w"], jnp.zeros(3))
+        np.testing.assert_array_equal(new.z["w"], state.z["w"])
+        assert int(new.step_count) == 0 and float(new.weight_sum) == 0.0
+    for a, b in zip(jax.tree.leaves(new.inner_state), jax.tree.leaves(state.inner_state)):
+        np.testing.assert_array_equal(a, b)  # with the clip wrapper the family state is kept too
+
+
 def test_errors():
     with pytest.raises(ValueError, match="weighting_mode must be one of .*'practical'"):
         rollfast.get("adamw", learning_rate=0.1, average="schedule_free", weighting_mode="linear")
