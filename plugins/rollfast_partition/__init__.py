@@ -122,8 +122,9 @@ class MatrixView:
 
 # ---------------------------------------------------------------- partitioners
 def auto(partition_exclude=None, partition_max_dim=None):
-    """By shape: every floating leaf of rank >= 2 whose matrix view has both
-    dimensions > 1 takes the matrix path; scalars and vectors take the fallback.
+    """By shape: floating leaves of rank >= 2 with both matrix dimensions > 1.
+
+    Those take the matrix path; scalars and vectors take the fallback.
 
     A 2-D leaf is viewed as is (rows = axis 0); a leaf of rank k > 2 as
     ``(d_1·…·d_{k-1}) × d_k`` (a conv kernel ``[kh, kw, cin, cout]`` becomes
@@ -168,9 +169,9 @@ def _exclusion(rule) -> Callable:
 
 
 def equinox(skip_depthwise_conv=True):
-    """From an Equinox model: the weights of ``eqx.nn.Linear`` and of every
-    (transposed) convolution take the matrix path, everything else the fallback
-    (see :func:`get_equinox_prism_spec`).
+    """From an Equinox model: Linear and (transposed) convolution weights are matrices.
+
+    Everything else takes the fallback (see :func:`get_equinox_prism_spec`).
 
     Args:
       skip_depthwise_conv: send depthwise convolutions to the fallback.
@@ -231,8 +232,10 @@ def get_equinox_prism_spec(model, skip_depthwise_conv=True):
 
 
 def dimension_numbers(dimension_numbers):
-    """An explicit pytree of specs (``MatrixSpec`` or ``None`` per leaf, the
-    structure of the parameters), or a callable ``params -> such a pytree``.
+    """An explicit pytree of specs, or a callable ``params -> specs``.
+
+    The pytree has the structure of the parameters, with a ``MatrixSpec`` or
+    ``None`` per leaf.
 
     Args:
       dimension_numbers: the spec pytree, or a callable returning it.
