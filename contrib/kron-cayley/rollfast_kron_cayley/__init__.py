@@ -24,7 +24,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "CAYLEY", update_dense=cayley_dense,
+    register.mode("kron", "CAYLEY", summary=__doc__.splitlines()[0], update_dense=cayley_dense,
                   metadata={"reference_dense": cayley_reference},
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 

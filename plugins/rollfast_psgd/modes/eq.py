@@ -7,7 +7,8 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "EQ", update_dense=eq_dense, statistic="Qh", inverse_probe=True,
+    register.mode("kron", "EQ", summary=__doc__.splitlines()[0],
+                  update_dense=eq_dense, statistic="Qh", inverse_probe=True,
                   references=("Xi-Lin Li, Preconditioner on Matrix Lie Group for SGD, arXiv:1809.10232",))
 
 

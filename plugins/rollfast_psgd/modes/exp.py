@@ -7,7 +7,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "EXP", update_dense=exp_dense,
+    register.mode("kron", "EXP", summary=__doc__.splitlines()[0], update_dense=exp_dense,
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 

@@ -7,7 +7,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "HYPER", update_dense=hyper_dense,
+    register.mode("kron", "HYPER", summary=__doc__.splitlines()[0], update_dense=hyper_dense,
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 
@@ -34,4 +34,5 @@ def hyper_dense(q, terms):
     from rollfast_psgd.linalg import sym, whitening_error
 
     cap = 0.9 / (terms.bound - terms.t2 + jnp.finfo(jnp.float32).tiny)
-    return sym(q @ (jnp.eye(q.shape[0], dtype=q.dtype) - jnp.minimum(terms.eta, cap) * whitening_error(terms)))
+    eye = jnp.eye(q.shape[0], dtype=q.dtype)
+    return sym(q @ (eye - jnp.minimum(terms.eta, cap) * whitening_error(terms)))

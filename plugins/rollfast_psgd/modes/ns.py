@@ -7,7 +7,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "NS", update_dense=ns_dense,
+    register.mode("kron", "NS", summary=__doc__.splitlines()[0], update_dense=ns_dense,
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 

@@ -1,5 +1,4 @@
-"""Q0.5EQ1.5 (the default): a Euclidean step ``(I − ηE)Q`` re-symmetrised by one
-online Procrustes rotation."""
+"""Q0.5EQ1.5 (default): the step ``(I − ηE)Q`` re-symmetrised by a Procrustes rotation."""
 
 from __future__ import annotations
 
@@ -8,7 +7,8 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "Q0.5EQ1.5", update_dense=q0p5eq1p5_dense, aliases=("Q0p5EQ1p5",),
+    register.mode("kron", "Q0.5EQ1.5", summary=__doc__.splitlines()[0],
+                  update_dense=q0p5eq1p5_dense, aliases=("Q0p5EQ1p5",),
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 

@@ -7,7 +7,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "QUAD", update_dense=quad_dense,
+    register.mode("kron", "QUAD", summary=__doc__.splitlines()[0], update_dense=quad_dense,
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 

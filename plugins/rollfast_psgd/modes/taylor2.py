@@ -7,7 +7,7 @@ import rollfast
 
 @rollfast.hookimpl
 def precondition(register):
-    register.mode("kron", "TAYLOR2", update_dense=taylor2_dense,
+    register.mode("kron", "TAYLOR2", summary=__doc__.splitlines()[0], update_dense=taylor2_dense,
                   references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
 
 
