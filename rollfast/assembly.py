@@ -99,7 +99,7 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
     def inject(p: Contribution) -> dict:
         return {s: objects[s] for s in SERVICES if s in p.parameter_names and s in objects}
 
-    tx = _float_leaves_only(family.factory(**routed[id(family)], **inject(family)))
+    tx = _leaf_rules(family.factory(**routed[id(family)], **inject(family)), family)
     first_moment = _through(family.metadata.get("first_moment"))
     for m in sorted(masks + autos, key=lambda r: r.metadata.get("order", 0)):
         tx = m.factory(tx, first_moment=first_moment, **routed[id(m)], **inject(m))
@@ -132,21 +132,28 @@ def _default(part: Contribution, option: str):
     return None
 
 
-def _float_leaves_only(inner):
-    """Optimise floating-point leaves only; integer leaves get zero updates (so
-    ``optax.apply_updates`` leaves them as they are) and ``None`` passes through."""
+def _leaf_rules(inner, family: Contribution):
+    """Optimise floating-point leaves only: ``None`` leaves reach the family as
+    ``optax.MaskedNode`` and come back as ``None``; integer leaves get zero updates
+    (so ``optax.apply_updates`` keeps them). Update arguments shaped like the
+    updates get the same holes; a missing one that the family needs is an error."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    is_float = lambda tree: jax.tree.map(
-        lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact), tree)
-    masked = optax.masked(inner, is_float)
+    is_float = lambda x: x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    mask = lambda tree: jax.tree.map(is_float, tree, is_leaf=lambda x: x is None)
+    masked = optax.masked(inner, mask, mask_compatible_extra_args=True)
+    needs = tuple(family.metadata.get("update_args", ()))
 
     def update(updates, state, params=None, **extra):
+        missing = [a for a in needs if a not in extra]
+        if missing:
+            raise TypeError(f"{family.describe()} needs update(..., "
+                            f"{', '.join(f'{a}=' for a in missing)}) at every step")
         updates, state = masked.update(updates, state, params, **extra)
-        zero_ints = lambda u: u if jnp.issubdtype(jnp.result_type(u), jnp.inexact) else jnp.zeros_like(u)
-        return jax.tree.map(zero_ints, updates), state
+        zero_ints = lambda u: u if u is None or is_float(u) else jnp.zeros_like(u)
+        return jax.tree.map(zero_ints, updates, is_leaf=lambda x: x is None), state
 
     return optax.GradientTransformationExtraArgs(masked.init, update)
 

@@ -251,6 +251,7 @@ class Registry:
         if found is not None:
             return found
         valid = [n for r in self.records(kind, family) for n in (r.name, *r.aliases)]
+        valid += [r.qualified_name for (k, f, _), r in self._qualified.items() if (k, f) == (kind, fam)]
         hint = (f"`rollfast list --kind mode --family {family}` lists them all"
                 if kind == "mode" else None)
         raise UnknownNameError(kind, str(name), valid, hint=hint)

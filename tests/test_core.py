@@ -284,3 +284,23 @@ def test_example_third_party_family_and_mask_are_usable():
     _, _, losses = rollfast.testing.run(rollfast.get("adamod", learning_rate=0.1, b3=0.9), {"w": jnp.zeros(4)},
                                         rollfast.testing.quadratic_loss(target), 300)
     assert losses[-1] < 1e-2 * losses[0]
+
+
+def test_qualified_names_get_suggestions_too():
+    rollfast.plugins.reset()
+    with pytest.raises(rollfast.UnknownNameError, match="did you mean .*'adam:adamw'"):
+        rollfast.get("adam:adamx", learning_rate=0.1)
+
+
+def test_missing_update_arguments_are_named():
+    rollfast.plugins.reset()
+    rollfast.plugins.register(rollfast.plugins.as_plugin(precondition=lambda register: register.family(
+        "needs_value", lambda learning_rate=1.0: optax.polyak_sgd(learning_rate),
+        update_args=("value",))), "polyak_test")
+    opt = rollfast.get("needs_value")
+    params = {"w": jnp.ones(2), "nothing": None}
+    with pytest.raises(TypeError, match=r"family 'needs_value' .* needs update\(\.\.\., value=\)"):
+        opt.update(params, opt.init(params), params)
+    updates, _ = opt.update({"w": jnp.ones(2), "nothing": None}, opt.init(params), params, value=1.0)
+    assert updates["nothing"] is None and updates["w"].shape == (2,)
+    rollfast.plugins.reset()

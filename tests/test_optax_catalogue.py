@@ -1,5 +1,5 @@
 """The Optax catalogue plugin: discovery rule, registry records, bit-for-bit equality
-with the direct Optax call, the leaf guard, and the skipped list."""
+with the direct Optax call, the core's leaf rules, and the skipped list."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_update_args_are_declared():
 def test_missing_update_arg_is_an_error_that_names_it():
     p = _tree()
     opt = rollfast.get("optax:polyak_sgd")
-    with pytest.raises(TypeError, match=r"optax:polyak_sgd needs update\(\.\.\., value=\)"):
+    with pytest.raises(TypeError, match=r"family 'polyak_sgd' \(optax\) needs update\(\.\.\., value=\)"):
         opt.update(p, opt.init(p), p)
     opt = rollfast.get("optax:lbfgs")
     with pytest.raises(TypeError, match="grad=, value_fn="):
@@ -244,7 +244,7 @@ def test_skipped_names_are_exported_with_reasons():
     assert record.provider.plugin == "optax" and "not registered" in record.summary
 
 
-# -- leaf guard ---------------------------------------------------------------------
+# -- leaf rules ---------------------------------------------------------------------
 
 def test_none_leaves_reach_optimizers_that_reject_them():
     params = {"w": jnp.ones((4, 3)), "none": None}

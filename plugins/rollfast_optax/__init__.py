@@ -3,9 +3,9 @@
 The families are discovered by introspection (see :mod:`rollfast_optax.discovery`
 for the rule), so a newer Optax adds names without a code change. Each family's
 factory has the Optax function's exact signature, docstring, parameters and
-defaults, and builds what the Optax function builds under a leaf guard (``None``
-leaves, tree-valued update arguments: see :mod:`rollfast_optax.guard`); the
-numbers are Optax's, bit for bit, also under ``jax.jit``. To skip steps with
+defaults, and builds exactly what the Optax function builds (the core's leaf rules
+hide ``None`` and integer leaves and check ``update_args``); the numbers are
+Optax's, bit for bit, also under ``jax.jit``. To skip steps with
 non-finite gradients, add ``mask="clip"``. Families register with ``priority=-1``: where a first-party
 plugin has the same name (``adam``, ``adamw``) the plain name reaches it, and
 ``optax:adamw`` always reaches Optax's.
@@ -45,8 +45,7 @@ class Skipped(dict):
 
 def wrap(entry):
     """A factory named ``entry.name`` with the signature and docstring of
-    ``entry.function``, returning its optimizer under
-    :func:`~rollfast_optax.guard.leaf_guard`.
+    ``entry.function``, returning its optimizer.
 
     Args:
       entry: a :class:`~rollfast_optax.discovery.Entry`.
@@ -57,12 +56,9 @@ def wrap(entry):
     >>> factory.__name__, inspect.signature(factory).parameters["nesterov"].default
     ('nadam', True)
     """
-    from rollfast_optax.guard import leaf_guard
-
     @functools.wraps(entry.function)
     def factory(*args, **kwargs):
-        return leaf_guard(entry.function(*args, **kwargs), entry.update_args,
-                          f"optax:{entry.name}")
+        return entry.function(*args, **kwargs)
 
     factory.__name__ = factory.__qualname__ = entry.name
     factory.__module__ = __name__
