@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 def precond_update_prob_schedule(max_prob=1.0, min_prob=0.03, decay=0.001, flat_start=500):
     r"""Probability of updating the preconditioner at step ``n`` (1 on the first step).
@@ -23,11 +25,22 @@ def precond_update_prob_schedule(max_prob=1.0, min_prob=0.03, decay=0.001, flat_
     [1.0, 1.0, 0.3679, 0.03]
     """
 
-    def schedule(n):
+    return _Schedule(max_prob, min_prob, decay, flat_start)
+
+
+class _Schedule(NamedTuple):
+    max_prob: float
+    min_prob: float
+    decay: float
+    flat_start: int
+
+    def __call__(self, n):
         import jax.numpy as jnp
 
         n = jnp.asarray(n, jnp.float32)
-        p = max_prob * jnp.exp(-decay * (n - flat_start))
-        return jnp.minimum(jnp.maximum(p, min_prob), max_prob)
+        p = self.max_prob * jnp.exp(-self.decay * (n - self.flat_start))
+        return jnp.minimum(jnp.maximum(p, self.min_prob), self.max_prob)
 
-    return schedule
+    def __repr__(self):
+        return "precond_update_prob_schedule({})".format(
+            ", ".join(f"{k}={v!r}" for k, v in self._asdict().items()))
