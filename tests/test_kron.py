@@ -308,3 +308,13 @@ def test_axis_name_reductions_match_single_device():
     got, _ = jax.jit(step)(g, mapped.init(params), params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_alternative_options_train():
+    target = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((5, 4)), jnp.float32)}
+    opt = rollfast.get("kron", learning_rate=0.05, track_lipschitz=False, whiten_grad=False,
+                       update_preconditioner_first=False, precond_update_precision="highest",
+                       precond_grads_precision="highest", preconditioner_update_probability=1.0)
+    _, state, losses = rt.run(opt, {"w": jnp.zeros((5, 4))}, rt.quadratic_loss(target), 60)
+    assert state.inner_state[0].ls is None
+    assert losses[-1] < 0.1 * losses[0]
