@@ -40,7 +40,7 @@ def scale_by_mars(b1=0.95, b2=0.99, eps=1e-8, gamma=0.025, max_grad_norm=1.0, va
 
     with κ = ``max_grad_norm`` and the norm taken per leaf. At ``t = 1`` there is no
     previous gradient: ``g_0 = g_1`` (the paper's ``x_0 = x_1``), so ``c_1 = g_1``.
-    ``γ = 0`` without clipping is AdamW (Lion).
+    ``γ = 0`` without clipping is AdamW (Lion with one β, ``β1 = β2``).
 
     Args:
       b1: decay β1 of the momentum (also sets the correction's weight β1/(1−β1)).

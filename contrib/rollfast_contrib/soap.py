@@ -127,8 +127,8 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_fr
 
     def plan(shape):
         work = merged_shape(shape, max_precond_dim) if merge_dims else tuple(shape)
-        rotate = len(work) >= 2 or (len(work) == 1 and precondition_1d)
-        axes = tuple(i for i, d in enumerate(work) if rotate and d <= max_precond_dim)
+        rotated = len(work) >= 2 or (len(work) == 1 and precondition_1d)
+        axes = tuple(i for i, d in enumerate(work) if rotated and d <= max_precond_dim)
         return work, axes
 
     def init(params):
