@@ -55,7 +55,7 @@ class MagmaState(NamedTuple):
 
 
 def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_name=None):
-    r"""Drop each leaf's update with probability :math:`1-p` and damp survivors by their score.
+    r"""Drop each leaf's update with probability 1 − p and damp the survivors by their score.
 
     :math:`\Delta' = b\,s\,\Delta`, :math:`b\sim\mathrm{Bernoulli}(p)` per leaf,
     :math:`s` the EMA of :math:`\sigma(\cos(g, m)/\tau)` (see the module docstring).
