@@ -61,11 +61,7 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
     >>> callable(rollfast.kron)
     True
     """
-    options = _magma(dict(locals()))
-    options["mode"] = options.pop("preconditioner_mode")
-    if options["preconditioner_update_probability"] is None:
-        del options["preconditioner_update_probability"]
-    return _get("kron", options)
+    return _kron(_magma(dict(locals())))
 
 
 def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask=None, ns_iters=5,
@@ -161,11 +157,7 @@ def schedule_free_kron(learning_rate, total_steps, warmup_fraction=0.1, decay_fr
     >>> callable(rollfast.schedule_free_kron)
     True
     """
-    options = _schedule_free(dict(locals()))
-    options.update(b1=0.0, whiten_grad=True, mode=options.pop("preconditioner_mode"))
-    if options["preconditioner_update_probability"] is None:
-        del options["preconditioner_update_probability"]
-    return _get("kron", options)
+    return _kron(_schedule_free(dict(locals())) | {"b1": 0.0, "whiten_grad": True})
 
 
 def schedule_free_prism(learning_rate, total_steps, warmup_fraction=0.1, decay_fraction=0.1,
@@ -239,6 +231,13 @@ def schedule_free_adam(learning_rate, total_steps, warmup_fraction=0.1, decay_fr
     Array([-0.5,  0.5], dtype=float32)
     """
     return _get("adamw", _schedule_free(dict(locals())))
+
+
+def _kron(options: dict):
+    options["mode"] = options.pop("preconditioner_mode")
+    if options["preconditioner_update_probability"] is None:
+        del options["preconditioner_update_probability"]
+    return _get("kron", options)
 
 
 def _magma(options: dict) -> dict:
