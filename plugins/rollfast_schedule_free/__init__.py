@@ -66,10 +66,11 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     params); bfloat16/float16 ``z`` is always written with stochastic rounding (it
     accumulates the small steps that round-to-nearest would lose). The ``round``
     rule writes the returned update in a low-precision parameter dtype. ``params``
-    must be passed to ``update``. A non-finite gradient gives a zero update and leaves
-    z, W and the step count unchanged; the wrapped optimizer's state is its own
-    business (add a ``clip`` option, e.g. ``raw_global_grad_clip``, to skip such
-    steps in the family too).
+    must be passed to ``update``. Non-finite entries of :math:`\Delta` (from a
+    non-finite gradient) are dropped: ``z`` keeps those entries and ``y`` only moves
+    there by the averaging term, so ``z`` and ``y`` stay finite. The wrapped
+    optimizer's state is its own business (add a ``clip`` option, e.g.
+    ``raw_global_grad_clip``, to skip such steps in the family too).
 
     Args:
       learning_rate: the family's learning rate (float or schedule), filled in by
@@ -91,7 +92,6 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     import jax
     import jax.numpy as jnp
     import optax
-    from rollfast_clip import all_finite
     from rollfast_rounding import Stochastic, absent, as_key, as_rounding, is_float, leaf_keys
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
@@ -122,7 +122,6 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         beta = jnp.maximum(state.b1, 1e-8)
         delta, inner_state = inner.update(grads, state.inner_state, params, **extra)
         key_next, k_z, k_out = jax.random.split(state.key, 3)
-        ok = all_finite(grads)
 
         flat_y, treedef = jax.tree.flatten(params, is_leaf=absent)
         out, zs = [], []
@@ -134,15 +133,15 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
                 continue
             wide = jnp.promote_types(y.dtype, jnp.float32)
             z_old = z.astype(wide)
-            z_new = jnp.where(ok, z_rounding.cast(z_old + d.astype(wide), z.dtype, kz), z)
+            d = d.astype(wide)
+            z_new = z_rounding.cast(z_old + jnp.where(jnp.isfinite(d), d, 0), z.dtype, kz)
             step = z_new.astype(wide) - z_old
             c_w, b_w = c.astype(wide), beta.astype(wide)
             move = (1 - b_w) * (1 - c_w) * step + c_w * (z_new.astype(wide) - y.astype(wide))
-            out.append(jnp.where(ok, out_rounding.cast(move, y.dtype, ko), jnp.zeros_like(y)))
+            out.append(out_rounding.cast(move, y.dtype, ko))
             zs.append(z_new)
         return treedef.unflatten(out), ScheduleFreeState(
-            inner_state, state.b1, jnp.where(ok, weight_sum, state.weight_sum), t + ok.astype(t.dtype),
-            treedef.unflatten(zs), key_next)
+            inner_state, state.b1, weight_sum, t + 1, treedef.unflatten(zs), key_next)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
