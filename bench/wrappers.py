@@ -1,9 +1,11 @@
 """Overhead of the wrappers (Magma, Schedule-Free, clipping, stochastic rounding) over bare AdamW.
 
-Every row is measured in the same process on the standard 4.9 M-parameter tree with
-``bench.common``; ratios are to ``rollfast adamw`` (the family the wrappers wrap).
-Stochastic rounding is timed on bfloat16 params (update + ``rollfast.apply_updates``
-with a fresh key per step) against the same step with round-to-nearest.
+Every row runs in the same process on the standard 4.9 M-parameter tree of
+``bench.common`` (update + apply, jitted, donated). The machine is shared, so the
+rows are timed in interleaved rounds and each row keeps its best round's median;
+ratios are to ``rollfast adamw`` (the family the wrappers wrap). Stochastic rounding
+is timed on bfloat16 params (``rollfast.apply_updates`` with a fresh key per step)
+against the same step with round-to-nearest.
 Targets: ≤ 1.15× for Magma and Schedule-Free, ≤ 1.3× for stochastic rounding.
 
     python -m bench.wrappers
@@ -18,14 +20,14 @@ import jax
 import jax.numpy as jnp
 
 import rollfast
-from bench.common import Row, matmul_peak_gflops, measure, print_table, standard_loss, standard_tree, state_bytes
+from bench.common import Row, matmul_peak_gflops, print_table, standard_loss, standard_tree, state_bytes
 
 LR = 1e-3
 
 
-def measure_bf16(name: str, opt, stochastic: bool, steps: int = 10, warmup: int = 2) -> Row:
-    """Like ``bench.common.measure`` on bfloat16 params, applying with ``rollfast.apply_updates``."""
-    params = standard_tree(dtype=jnp.bfloat16)
+def compile_step(opt, dtype, stochastic: bool):
+    """The jitted step (update + ``rollfast.apply_updates``), its compile time, FLOPs and inputs."""
+    params = standard_tree(dtype=dtype)
     grad = jax.value_and_grad(standard_loss)
 
     def step(params, state, key):
@@ -34,44 +36,58 @@ def measure_bf16(name: str, opt, stochastic: bool, steps: int = 10, warmup: int 
         return rollfast.apply_updates(params, updates, key if stochastic else None), state, value
 
     state = opt.init(params)
-    keys = jax.random.split(jax.random.PRNGKey(0), warmup + steps)
     t = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, keys[0]).compile()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, jax.random.PRNGKey(0)).compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    times = []
-    for i, key in enumerate(keys):
-        t = time.perf_counter()
-        params, state, value = compiled(params, state, key)
-        jax.block_until_ready((params, state))
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return Row(name, compile_s, 1e3 * statistics.median(times), state_bytes(state),
-               float((cost or {}).get("flops", 0.0)) / 1e9, float(value))
+    return compiled, compile_s, float((cost or {}).get("flops", 0.0)) / 1e9, [params, state]
+
+
+def time_rows(configs, rounds: int = 5, steps: int = 10) -> list[Row]:
+    """Time every config ``steps`` steps per round, rounds interleaved; keep each best median."""
+    built = [compile_step(opt, dtype, sr) for _, opt, dtype, sr in configs]
+    best = [float("inf")] * len(configs)
+    values = [0.0] * len(configs)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), rounds * steps * len(configs) + 2 * len(configs)))
+    for compiled, _, _, carry in built:  # warm-up
+        for _ in range(2):
+            carry[0], carry[1], _ = compiled(carry[0], carry[1], next(keys))
+    for _ in range(rounds):
+        for i, (compiled, _, _, carry) in enumerate(built):
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                carry[0], carry[1], value = compiled(carry[0], carry[1], next(keys))
+                jax.block_until_ready(carry)
+                times.append(time.perf_counter() - t)
+            best[i] = min(best[i], statistics.median(times))
+            values[i] = float(value)
+    return [Row(name, b[1], 1e3 * t, state_bytes(b[3][1]), b[2], v)
+            for (name, *_), b, t, v in zip(configs, built, best, values)]
 
 
 def main() -> None:
     import optax
 
-    base = dict(learning_rate=LR)
-    rows = [
-        measure("optax.adamw", optax.adamw(LR)),
-        measure("rollfast adamw", rollfast.get("adamw", **base)),
-        measure("+ magma", rollfast.get("adamw", mask="magma", **base)),
-        measure("+ schedule_free", rollfast.get("adamw", average="schedule_free", **base)),
-        measure("+ clip (spike + rms)", rollfast.get("adamw", raw_global_grad_clip=1.0, **base)),
-        measure("+ magma + schedule_free + clip",
-                rollfast.get("adamw", mask="magma", average="schedule_free", raw_global_grad_clip=1.0, **base)),
-        measure_bf16("bf16 params, nearest", rollfast.get("adamw", **base), stochastic=False),
-        measure_bf16("bf16 params, stochastic apply", rollfast.get("adamw", **base), stochastic=True),
-        measure_bf16("bf16 + schedule_free (sr z), stochastic",
-                     rollfast.get("adamw", average="schedule_free", round="stochastic", **base),
-                     stochastic=True),
+    get = lambda **options: rollfast.get("adamw", learning_rate=LR, **options)
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    configs = [
+        ("optax.adamw", optax.adamw(LR), f32, False),
+        ("rollfast adamw", get(), f32, False),
+        ("+ magma", get(mask="magma"), f32, False),
+        ("+ schedule_free", get(average="schedule_free"), f32, False),
+        ("+ clip (spike + rms)", get(raw_global_grad_clip=1.0), f32, False),
+        ("+ magma + schedule_free + clip", get(mask="magma", average="schedule_free",
+                                               raw_global_grad_clip=1.0), f32, False),
+        ("bf16 params, nearest", get(), bf16, False),
+        ("bf16 params, stochastic apply", get(), bf16, True),
+        ("bf16 + schedule_free (sr z), stochastic", get(average="schedule_free", round="stochastic"),
+         bf16, True),
     ]
+    rows = time_rows(configs)
     print_table(rows, baseline="rollfast adamw", peak_gflops=matmul_peak_gflops())
-    nearest = next(r for r in rows if r.name == "bf16 params, nearest")
-    sr = next(r for r in rows if r.name == "bf16 params, stochastic apply")
+    nearest, sr = rows[-3], rows[-2]
     print(f"\nstochastic rounding over nearest on bf16 params: {sr.step_ms / nearest.step_ms:.2f}×")
 
 
