@@ -120,10 +120,12 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
         return ClipState(inner.init(params), jnp.zeros([], jnp.int32))
 
     def update(grads, state, params=None, **extra):
-        ok = all_finite(grads, axis_name)
-        if raw_global_grad_clip is not None:
+        if raw_global_grad_clip is None:
+            ok = all_finite(grads, axis_name)
+        else:
             norm = jnp.sqrt(_sum([jnp.sum(jnp.square(g.astype(jnp.float32)))
                                   for g in _floats(grads)], axis_name))
+            ok = jnp.isfinite(norm)  # also skips a gradient whose norm overflows float32
             spike = norm > raw_global_grad_clip
             factor = jnp.where(spike, raw_global_grad_clip / (norm + tiny), 1.0)
             grads = jax.tree.map(lambda g: g * factor.astype(g.dtype) if is_float(g) else g, grads)
