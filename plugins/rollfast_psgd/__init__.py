@@ -30,8 +30,8 @@ The mode returns the moved factor: ``update_dense(q, terms) -> q`` for a float32
 ``(d, d)`` factor, and optionally ``update_diag(q, terms) -> q`` for a ``(d,)``
 factor (default: ``|q ⊙ (1 − η (t1 − t2))|``, Li's diagonal rule). The family casts,
 balances and stores the result; a mode holds no state and its only randomness is
-``terms.probe`` (all of a step's probes come from one draw of the state key, which
-keeps compilation small). Shared building blocks (norm bounds, Procrustes, Newton–Schulz,
+``terms.probe`` (all of a step's probes come from one normal draw, which keeps
+compilation small). Shared building blocks (norm bounds, Procrustes, Newton–Schulz,
 ``whitening_error``) are in :mod:`rollfast_psgd.linalg`.
 
 Non-finite gradients: the step is skipped — zero updates and the ``scale_by_kron``

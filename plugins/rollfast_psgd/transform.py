@@ -193,7 +193,8 @@ def scale_by_kron(
 
         k_noise, k_probes, k_balance = jax.random.split(k, 3)
         balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
-        noise = iter(_pooled_normal(k_noise, [x.shape for x in signal]))
+        noise_keys = jax.random.split(k_noise, len(signal))
+        noise = (jax.random.normal(k, x.shape, f32) for k, x in zip(noise_keys, signal))
         dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
                 for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
         probes = iter(_pooled_normal(k_probes, [(2, PROBES, d) for d in dims]))
