@@ -152,6 +152,20 @@ def test_spike_skip_and_permissive_clip():
     assert float(jnp.abs(u_loose["w"]).max()) > 0
 
 
+def test_spike_norm_is_summed_over_axis_name():
+    """Two identical replicas under ``axis_name``: the norm is √2·N, so a clip
+    between N and √2·N fires only with the axis."""
+    g = {"w": _random((6, 5))}
+    norm = float(jnp.linalg.norm(g["w"]))
+    batched = jax.tree.map(lambda x: jnp.stack([x, x]), g)
+    for axis, fired in ((None, False), ("b", True)):
+        tx = rollfast_prism.scale_by_prism(raw_global_grad_clip=1.2 * norm,
+                                           permissive_spike_protection=False, axis_name=axis)
+        state = tx.init(g)
+        u, _ = jax.vmap(lambda x: tx.update(x, state), axis_name="b")(batched)
+        assert bool(jnp.all(u["w"] == 0)) == fired
+
+
 def test_non_finite_gradient_changes_nothing():
     params = mixed_tree()
     opt = rollfast.get("prism", learning_rate=0.1, mode="bidirectional")
