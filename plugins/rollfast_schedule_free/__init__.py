@@ -52,7 +52,7 @@ class ScheduleFreeState(NamedTuple):
 
 def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9,
                   state_dtype=None, round="stochastic", key=42):
-    r"""Schedule-Free averaging: hold :math:`y`, step :math:`z`, average into :math:`x`.
+    r"""Schedule-Free averaging: hold y, step z with the wrapped optimizer, evaluate at the average x.
 
     Per step, with :math:`\beta = \max(b_1, 10^{-8})`, :math:`\Delta` the wrapped
     optimizer's update at :math:`y_t` and :math:`c_t` as in the module docstring,
@@ -147,7 +147,7 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
 
 
 def schedule_free_eval_params(state, params):
-    r"""The evaluation sequence :math:`x = (y - (1-\beta)\,z)/\beta` from the held params ``y``.
+    r"""The evaluation params x = (y − (1 − β) z) / β of a Schedule-Free run, from the held params y.
 
     ``state`` must be the Schedule-Free state itself, i.e. the optimizer was built
     with ``average="schedule_free"`` and this is its outermost state.
