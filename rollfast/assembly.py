@@ -55,49 +55,53 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
     averages = [reg.lookup("average", a) for a in _names(average)]
     explicit = [family, *masks, *averages]
 
-    services: dict[str, Contribution] = {}
-    objects: dict[str, object] = {}  # what a service parameter finally receives
-    for service in SERVICES:
-        takers = [p for p in explicit if service in p.parameter_names]
-        if not takers:
-            if service in options:
-                raise TypeError(_no_taker(service, explicit))
-            continue
-        value = options.pop(service, _default(takers[0], service))
-        if isinstance(value, str):
-            services[service] = reg.lookup(service, value, family.name if service == "mode" else None)
-        else:
-            objects[service] = value  # None, or an object built by the user: passed as is
-    service_parts = [r for r in services.values() if r.factory is not None]
+    given = {s: options.pop(s) for s in SERVICES if s in options}
+    for service in given:
+        if not any(service in p.parameter_names for p in explicit):
+            raise TypeError(_no_taker(service, explicit))
+    resolved: dict[tuple[str, str], Contribution] = {}
+
+    def services_of(part: Contribution) -> dict:
+        """Each service parameter of ``part``: the user's choice, else the part's own default."""
+        out = {}
+        for service in SERVICES:
+            if service in part.parameter_names:
+                value = given.get(service, _default(part, service))
+                if isinstance(value, str):
+                    fam = family.name if service == "mode" else None
+                    key = (service, value.lower())
+                    value = resolved[key] if key in resolved else \
+                        resolved.setdefault(key, reg.lookup(service, value, fam))
+                out[service] = value  # a record, or None / a user-built object, passed as is
+        return out
+
+    part_services = {id(p): services_of(p) for p in explicit}
+    service_parts = [r for r in resolved.values() if r.factory is not None]
 
     parts = explicit + service_parts
     lr = options.get("learning_rate", _default(family, "learning_rate"))
-    routed: dict[int, dict] = {id(p): {} for p in parts}
-    autos: list[Contribution] = []
+    unclaimed = [o for o in options if not any(o in p.parameter_names for p in parts)]
+    autos = [m for m in reg.records("mask")
+             if m not in masks and any(o in _triggers(m) for o in unclaimed)]
+    routed: dict[int, dict] = {id(p): {} for p in parts + autos}
+    for m in autos:
+        part_services[id(m)] = services_of(m)
     for option, value in options.items():
-        takers = [p for p in parts if option in p.parameter_names]
+        takers = [p for p in parts + autos if option in p.parameter_names]
         if not takers:
-            auto = [m for m in reg.records("mask") if m.metadata.get("auto")
-                    and option in m.parameter_names and m not in masks]
-            if not auto:
-                raise TypeError(_unknown_option(option, parts))
-            for m in auto:
-                if m not in autos:
-                    autos.append(m)
-                    routed[id(m)] = {}
-            takers = auto
+            raise TypeError(_unknown_option(option, parts))
         for p in takers:
             routed[id(p)][option] = value
     for p in parts + autos:
         if p is not family and "learning_rate" in p.parameter_names:
             routed[id(p)].setdefault("learning_rate", lr)
-        _check_required(p, routed[id(p)], services)
+        _check_required(p, routed[id(p)], part_services.get(id(p), {}))
 
-    for service, record in services.items():
-        objects[service] = record if service == "mode" else record.factory(**routed[id(record)])
+    built = {id(r): r if r.kind == "mode" else r.factory(**routed.get(id(r), {}))
+             for r in resolved.values()}
 
     def inject(p: Contribution) -> dict:
-        return {s: objects[s] for s in SERVICES if s in p.parameter_names and s in objects}
+        return {s: built.get(id(v), v) for s, v in part_services[id(p)].items()}
 
     tx = _leaf_rules(family.factory(**routed[id(family)], **inject(family)), family)
     first_moment = _through(family.metadata.get("first_moment"))
@@ -156,6 +160,14 @@ def _leaf_rules(inner, family: Contribution):
         return jax.tree.map(zero_ints, updates, is_leaf=lambda x: x is None), state
 
     return optax.GradientTransformationExtraArgs(masked.init, update)
+
+
+def _triggers(mask: Contribution) -> tuple[str, ...]:
+    """The options whose presence adds an ``auto`` mask: ``auto=True`` means all of its own."""
+    auto = mask.metadata.get("auto")
+    if not auto:
+        return ()
+    return mask.parameter_names if auto is True else tuple(auto)
 
 
 def _through(first_moment: Callable | None) -> Callable | None:

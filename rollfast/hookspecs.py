@@ -40,9 +40,12 @@ How ``rollfast.get(name, **options)`` uses the contributions
 * An option declared by several chosen parts goes to all of them (e.g. ``key``);
   ``learning_rate`` is given to every part that declares it, with the family's
   value (the user's, or the family's default).
-* A mask registered with ``auto=True`` is added to every chain in which one of
-  its options is given and no explicitly chosen part declares that option (this
-  is how generic clipping reaches every family). ``order`` sorts masks: lower is
+* A mask registered with ``auto=True`` (or ``auto=(option, ...)``) is added to
+  every chain in which one of its options (or of the listed ones) is given and no
+  explicitly chosen part declares that option (this is how generic clipping
+  reaches every family).
+* A service parameter (``round``, ``partition``) that the user does not give is
+  resolved per part from that part's own default, like any other option. ``order`` sorts masks: lower is
   applied first, closer to the family.
 """
 

@@ -304,3 +304,41 @@ def test_missing_update_arguments_are_named():
     updates, _ = opt.update({"w": jnp.ones(2), "nothing": None}, opt.init(params), params, value=1.0)
     assert updates["nothing"] is None and updates["w"].shape == (2,)
     rollfast.plugins.reset()
+
+
+def test_unspecified_services_use_each_parts_own_default(fresh):
+    seen = {}
+
+    def recording_average(inner, *, learning_rate=None, round="nearest"):
+        """Record the rounding it receives.
+
+        Args:
+          learning_rate: unused.
+          round: its own default differs from the family's.
+        """
+        seen["round"] = round
+        return inner
+
+    rollfast.plugins.register(rollfast.plugins.as_plugin(
+        average=lambda register: register("recording", recording_average)), "recorder")
+    rollfast.get("toy", average="recording")
+    assert seen["round"].__class__.__name__ == "Nearest"      # its own default, not the family's
+    rollfast.get("toy", average="recording", round="to_half_grid")
+    assert isinstance(seen["round"], toy_plugin.HalfGrid)     # a given choice reaches every taker
+
+
+def test_auto_masks_trigger_only_on_their_declared_options(fresh):
+    def gate(inner, *, first_moment=None, gate_on=None, gate_shared_option=None):
+        """Pass through.
+
+        Args:
+          gate_on: triggers the mask.
+          gate_shared_option: does not trigger it.
+        """
+        return inner
+
+    rollfast.plugins.register(rollfast.plugins.as_plugin(
+        mask=lambda register: register("gate", gate, auto=("gate_on",))), "gate")
+    with pytest.raises(TypeError, match="unknown option 'gate_shared_option'"):
+        rollfast.get("toy", gate_shared_option=1)
+    rollfast.get("toy", gate_shared_option=1, gate_on=1)

@@ -31,7 +31,8 @@ MODES = ("per_tensor_rms", "global_rms")
 
 @rollfast.hookimpl
 def mask(register):
-    register("clip", clip, auto=True, order=-100)
+    register("clip", clip, order=-100, auto=("raw_global_grad_clip", "permissive_spike_protection",
+                                             "grad_clip_mode", "grad_clip_max_amps"))
 
 
 class ClipState(NamedTuple):
