@@ -191,13 +191,12 @@ def scale_by_kron(
     def update_preconditioner(qs, ls, signal, leaf_plans, k):
         from rollfast_psgd.factors import update_factors
 
-        k_noise, k_probes, k_balance = jax.random.split(k, 3)
+        k_noise, k_balance = jax.random.split(k)
         balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
-        noise_keys = jax.random.split(k_noise, len(signal))
-        noise = (jax.random.normal(k, x.shape, f32) for k, x in zip(noise_keys, signal))
         dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
                 for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
-        probes = iter(_pooled_normal(k_probes, [(2, PROBES, d) for d in dims]))
+        normals = _pooled_normal(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
+        noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
         new_qs, new_ls = [], []
         for i, (x, (scanned, dense)) in enumerate(zip(signal, leaf_plans)):
             v = next(noise)
@@ -306,7 +305,8 @@ def _rounding(rule):
 
 
 def _pooled_normal(key, shapes) -> list:
-    """Standard normal arrays of the given shapes, all from one draw of ``key``."""
+    """Standard normal arrays of the given shapes from one draw of random bits: one
+    random-number kernel per step to compile instead of one per array."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -314,9 +314,18 @@ def _pooled_normal(key, shapes) -> list:
     sizes = [int(np.prod(s)) for s in shapes]
     if not sizes:
         return []
-    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    bits = jax.lax.optimization_barrier(jax.random.bits(key, (sum(sizes),), jnp.uint32))
     ends = np.cumsum(sizes)
-    return [flat[end - size:end].reshape(shape) for size, end, shape in zip(sizes, ends, shapes)]
+    return [_normal(bits[end - size:end]).reshape(shape) for size, end, shape in zip(sizes, ends, shapes)]
+
+
+def _normal(bits):
+    """``√2·erfinv(2u − 1)`` with ``u ∈ [0, 1)`` from the 23 high bits: N(0, 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    u = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1
+    return jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2 * u - 1, jnp.nextafter(-1.0, 0.0)))
 
 
 def _scanned_flags(tree, scanned_layers, n) -> list[bool]:
