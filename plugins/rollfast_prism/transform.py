@@ -160,8 +160,7 @@ def scale_by_prism(b1=0.95, gamma=1.0, ns_iters=5, mode="original", inv_steps=6,
             else:
                 target = m / (1 - b1**t) if bias_correction else m
             target = target if shape_nesterov else m
-            o = _map_matrices(direction, view, target, g - m, g)
-            out[i] = o
+            out[i] = _map_matrices(direction, view, target, g - m, g)
             new_mu[i] = m
         if callable(weight_decay) or weight_decay != 0:
             out = _decay(out, mat, treedef, params, state.count)
