@@ -74,9 +74,14 @@ def precondition(register):
 
     ``register.mode(family, name, **impl)`` attaches a mode to a family that may
     be registered by any other plugin. ``impl`` is what the family's *mode
-    protocol* asks for (documented by the family; the kron family asks for
-    ``update_dense`` and optionally ``update_diag`` and ``statistic``). The family
-    receives the mode's record, whose ``impl`` mapping holds these keywords.
+    protocol* asks for, documented by the family; the family receives the mode's
+    record, whose ``impl`` mapping holds these keywords. For example, the kron
+    family (``rollfast_psgd``) asks for ``update_dense(q, terms) -> q`` — how one
+    dense factor moves given the terms the family computed
+    (``rollfast_psgd.factors.FactorTerms``: Gram ``t1``, ``t2 = n/d``, step
+    ``eta``, bound, random probe) — and optionally ``update_diag(q, terms) -> q``,
+    ``statistic`` (``"Ph"`` or ``"Qh"``) and ``inverse_probe`` (bool); the prism
+    family asks for ``shape(T, D, **options)``.
 
     ``register.export(name, obj)`` (on every registrar) publishes a top-level
     ``rollfast.<name>`` attribute, resolved lazily on first access.
