@@ -13,7 +13,7 @@ CHOICES = [  # (family, options); families that are not installed are skipped
     ("adamw", dict(learning_rate=1e-2)),
     ("kron", dict(learning_rate=3e-3, mode="EXP")),
     ("prism", dict(learning_rate=3e-2, mode="bidirectional")),
-    ("adamw", dict(learning_rate=1e-2, mask="magma", average="schedule_free")),
+    ("adamw", dict(learning_rate=4e-2, mask="magma", average="schedule_free")),  # magma: ~4x lr
 ]
 
 params0, loss = mlp_problem()
