@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownNameError as exc:
         print(f"rollfast: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `rollfast list | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _list(reg, args) -> int:
@@ -102,7 +106,7 @@ def _info(reg, name: str, kind: str | None) -> int:
         print(f"aliases: {', '.join(r.aliases)}")
     if r.parameters:
         print("\nparameters:")
-        _table([(f"  {p.name}", "(required)" if p.required else f"= {p.default!r}", p.doc)
+        _table([(f"  {p.name}", "(required)" if p.required else f"= {_short(repr(p.default))}", p.doc)
                 for p in r.parameters])
     if r.kind == "family":
         modes = reg.records("mode", r.name)
@@ -167,6 +171,10 @@ def _find(reg, name: str, kind: str | None) -> Contribution | None:
 def _all_names(reg) -> list[str]:
     return [n for r in reg.records() for n in (r.name, *r.aliases)] + \
            [p.provider.plugin for p in reg.plugins()]
+
+
+def _short(text: str, width: int = 32) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _provider(r: Contribution) -> str:
