@@ -230,10 +230,12 @@ def test_adamw_equals_optax_bit_for_bit():
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
 
 
-def test_adam_equals_optax_bit_for_bit():
+@pytest.mark.parametrize("b1", [0.9, 0.0])
+def test_adam_equals_optax_bit_for_bit(b1):
     params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4)}
-    ours, theirs = rollfast.get("adam", learning_rate=3e-3), optax.adam(3e-3)
+    ours, theirs = rollfast.get("adam", learning_rate=3e-3, b1=b1), optax.adam(3e-3, b1=b1)
     s1, s2 = ours.init(params), theirs.init(params)
+    assert (s1.inner_state[0].mu is None) == (b1 == 0)  # b1 = 0: the first moment is the gradient, not stored
     for t in range(20):
         g = {"w": jnp.cos(params["w"] * t)}
         u1, s1 = ours.update(g, s1)

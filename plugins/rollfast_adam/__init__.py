@@ -52,7 +52,11 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
       mu_dtype: storage dtype of both moments (``None``: float32).
       nesterov: use Nesterov's momentum.
       round: how moments are written in ``mu_dtype`` (a rounding object).
-      key: seed or PRNG key for stochastic writes.
+      key: seed or PRNG key for stochastic writes (the key only advances when
+        moments are stored below float32).
+
+    With ``b1 = 0`` the first moment is the gradient itself and is not stored
+    (``state.mu`` is ``None``), as Schedule-Free AdamW uses Adam.
 
     >>> import jax.numpy as jnp
     >>> tx = scale_by_adam()
@@ -65,6 +69,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
     import optax
 
     store = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+    keeps_mu = not (isinstance(b1, (int, float)) and b1 == 0)  # b1 = 0: m_t = g_t, nothing to store
     low_precision = store != jnp.float32
 
     def write(tree, k):
@@ -78,13 +83,13 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
     def init(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), store)
         k = key if isinstance(key, jax.Array) and key.ndim else jax.random.PRNGKey(key)
-        return ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-                                jax.tree.map(zeros, params), k)
+        mu = jax.tree.map(zeros, params) if keeps_mu else None
+        return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, jax.tree.map(zeros, params), k)
 
     def update(updates, state, params=None):
         del params
         f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
-        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, f32(state.mu))
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, f32(state.mu)) if keeps_mu else f32(updates)
         nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v,
                           f32(updates), f32(state.nu))
         count = optax.safe_increment(state.count)
@@ -97,8 +102,10 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
         nu_hat = bc(nu, b2, count)
         out = jax.tree.map(lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
                            mu_hat, nu_hat, is_leaf=lambda x: x is None)
+        if not low_precision:
+            return out, ScaleByAdamState(count, mu if keeps_mu else None, nu, state.key)
         key_next, k_mu, k_nu = jax.random.split(state.key, 3)
-        return out, ScaleByAdamState(count, write(mu, k_mu), write(nu, k_nu), key_next)
+        return out, ScaleByAdamState(count, write(mu, k_mu) if keeps_mu else None, write(nu, k_nu), key_next)
 
     return optax.GradientTransformation(init, update)
 

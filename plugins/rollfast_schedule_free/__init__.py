@@ -121,12 +121,16 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         c = jnp.where(weight_sum > 0, weight / jnp.maximum(weight_sum, 1e-30), 0.0)
         beta = jnp.maximum(state.b1, 1e-8)
         delta, inner_state = inner.update(grads, state.inner_state, params, **extra)
-        key_next, k_z, k_out = jax.random.split(state.key, 3)
-
         flat_y, treedef = jax.tree.flatten(params, is_leaf=absent)
+        flat_z = treedef.flatten_up_to(state.z)
+        narrow = lambda x: is_float(x) and jnp.finfo(x.dtype).bits < 32
+        if any(map(narrow, flat_z + flat_y)):
+            key_next, k_z, k_out = jax.random.split(state.key, 3)
+            z_keys, out_keys = leaf_keys(k_z, len(flat_y)), leaf_keys(k_out, len(flat_y))
+        else:  # nothing is rounded: the key need not advance
+            key_next, z_keys, out_keys = state.key, [None] * len(flat_y), [None] * len(flat_y)
         out, zs = [], []
-        for y, d, z, kz, ko in zip(flat_y, treedef.flatten_up_to(delta), treedef.flatten_up_to(state.z),
-                                   leaf_keys(k_z, len(flat_y)), leaf_keys(k_out, len(flat_y))):
+        for y, d, z, kz, ko in zip(flat_y, treedef.flatten_up_to(delta), flat_z, z_keys, out_keys):
             if absent(z):
                 out.append(d)
                 zs.append(z)
@@ -134,10 +138,14 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
             wide = jnp.promote_types(y.dtype, jnp.float32)
             z_old = z.astype(wide)
             d = d.astype(wide)
-            z_new = z_rounding.cast(z_old + jnp.where(jnp.isfinite(d), d, 0), z.dtype, kz)
-            step = z_new.astype(wide) - z_old
+            d = jnp.where(jnp.isfinite(d), d, 0)
+            if narrow(z):
+                z_new = z_rounding.cast(z_old + d, z.dtype, kz)
+                step = z_new.astype(wide) - z_old
+            else:  # z_{t+1} - z_t is d; written so, the new z need not be read back
+                z_new, step = z_old + d, d
             c_w, b_w = c.astype(wide), beta.astype(wide)
-            move = (1 - b_w) * (1 - c_w) * step + c_w * (z_new.astype(wide) - y.astype(wide))
+            move = (1 - b_w) * (1 - c_w) * step + c_w * (z_old + step - y.astype(wide))
             out.append(out_rounding.cast(move, y.dtype, ko))
             zs.append(z_new)
         return treedef.unflatten(out), ScheduleFreeState(
