@@ -273,3 +273,15 @@ def test_contrib_mode_is_a_third_party_plugin():
     import rollfast_kron_cayley
 
     assert doctest.testmod(rollfast_kron_cayley).failed == 0
+
+
+@pytest.mark.parametrize("norm", [1e-3, 0.1, 0.125, 0.5, 3.0])
+def test_expm_taylor_matches_the_exponential(norm):
+    from rollfast_psgd.linalg import expm_taylor
+
+    a = np.random.default_rng(0).standard_normal((24, 24))
+    a = norm * sym(a) / np.linalg.norm(sym(a), 2)
+    squarings = max(0, int(np.ceil(np.log2(norm / 0.125))))
+    got = np.asarray(expm_taylor(jnp.asarray(a, jnp.float32), jnp.float32(norm)), np.float64)
+    want = ref_expm(a)
+    assert np.linalg.norm(got - want, 2) / np.linalg.norm(want, 2) < 1e-6 * 2**squarings

@@ -18,6 +18,10 @@ def exp_dense(q, terms):
         Q \leftarrow \operatorname{sym}\bigl(Q\,\exp(-\eta \hat E)\bigr),\quad
         \hat E = \operatorname{sym}(T_1) - T_2 I
 
+    The exponential is :func:`~rollfast_psgd.linalg.expm_taylor` with the norm estimate
+    :math:`\eta\ell \ge \lVert\eta\hat E\rVert_2`: float32-accurate in two matrix
+    products at the default step size.
+
     Args:
       q: the ``(d, d)`` factor.
       terms: its :class:`~rollfast_psgd.factors.FactorTerms`.
@@ -28,8 +32,6 @@ def exp_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    from jax.scipy.linalg import expm
+    from rollfast_psgd.linalg import expm_taylor, sym, whitening_error
 
-    from rollfast_psgd.linalg import sym, whitening_error
-
-    return sym(q @ expm(-terms.eta * whitening_error(terms)))
+    return sym(q @ expm_taylor(-terms.eta * whitening_error(terms), terms.eta * terms.bound))
