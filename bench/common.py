@@ -3,9 +3,10 @@
 Every benchmark in ``bench/`` measures its optimizers against ``optax.adamw`` in
 the same process, on the same tree, and prints a table with: compile time,
 median step time (update + apply, jitted, donated, after warm-up; the gradient is
-computed by a separate call outside the timer) and its ratio to adamw, optimizer-state bytes and ratio, GFLOP per step from XLA's cost
-analysis, and achieved GFLOP/s as a fraction of a plain 2048×2048 float32
-matmul measured in the same run.
+computed by a separate call outside the timer) and its ratio to adamw,
+optimizer-state bytes and ratio, GFLOP per step from XLA's cost analysis, and
+achieved GFLOP/s as a fraction of a plain 2048×2048 float32 matmul measured in
+the same run.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Every row runs in the same process on the standard 4.9 M-parameter tree of
 ``bench.common`` (update + apply, jitted, donated). The machine is shared, so the
 rows are timed in interleaved rounds and each row keeps its best round's median;
-the gradient is computed outside the timed call; ratios are to ``rollfast adamw`` (the family the wrappers wrap). Stochastic rounding
-is timed on bfloat16 params (``rollfast.apply_updates`` with a fresh key per step)
+the gradient is computed outside the timed call; ratios are to ``rollfast adamw``
+(the family the wrappers wrap). Stochastic rounding is timed on bfloat16 params (``rollfast.apply_updates`` with a fresh key per step)
 against the same step with round-to-nearest.
 Targets: ≤ 1.15× for Magma and Schedule-Free, ≤ 1.3× for stochastic rounding. The
 table's ratios are of the optimizer step alone; a last line gives them per training

@@ -102,10 +102,11 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
         nu_hat = bc(nu, b2, count)
         out = jax.tree.map(lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
                            mu_hat, nu_hat, is_leaf=lambda x: x is None)
+        kept = mu if keeps_mu else None
         if not low_precision:
-            return out, ScaleByAdamState(count, mu if keeps_mu else None, nu, state.key)
+            return out, ScaleByAdamState(count, kept, nu, state.key)
         key_next, k_mu, k_nu = jax.random.split(state.key, 3)
-        return out, ScaleByAdamState(count, write(mu, k_mu) if keeps_mu else None, write(nu, k_nu), key_next)
+        return out, ScaleByAdamState(count, write(kept, k_mu), write(nu, k_nu), key_next)
 
     return optax.GradientTransformation(init, update)
 

@@ -175,12 +175,10 @@ def update_clipper(mode: str, max_amps, axis_name=None):
     a_rms, a_elem = (float(max_amps), 10.0) if isinstance(max_amps, (int, float)) else map(float, max_amps)
     tiny = jnp.finfo(jnp.float32).tiny
 
-    sq = sum_of_squares
-
     def per_tensor(u, scale):
         if not is_float(u):
             return u
-        rms = jnp.sqrt(sq(u) / max(u.size, 1))
+        rms = jnp.sqrt(sum_of_squares(u) / max(u.size, 1))
         u = u * jnp.minimum(1.0, a_rms * scale / (rms + tiny)).astype(u.dtype)
         cap = (a_elem * scale).astype(jnp.float32)
         if jnp.iscomplexobj(u):
@@ -192,7 +190,7 @@ def update_clipper(mode: str, max_amps, axis_name=None):
 
     def clip_global(updates, scale):
         floats = _floats(updates)
-        total = _sum([sq(u) for u in floats], axis_name)
+        total = _sum([sum_of_squares(u) for u in floats], axis_name)
         count = _sum([jnp.asarray(u.size, jnp.float32) for u in floats], axis_name)
         factor = jnp.minimum(1.0, a_rms * scale / jnp.maximum(jnp.sqrt(total / jnp.maximum(count, 1.0)), tiny))
         return jax.tree.map(lambda u: u * factor.astype(u.dtype) if is_float(u) else u, updates)

@@ -143,8 +143,8 @@ def _sums(g, m, axis_name=None):
     import jax
     import jax.numpy as jnp
 
+    from rollfast_clip import sum_of_squares
+
     g, m = g.astype(jnp.float32), m.astype(jnp.float32)
-    # Each vdot is one vectorised pass. XLA rewrites vdot(g, g) as a separate
-    # multiply and reduce, an extra write and read of g; the barrier keeps it a dot.
-    sums = jnp.stack([jnp.vdot(g, m), jnp.vdot(g, jax.lax.optimization_barrier(g)), jnp.vdot(m, m)])
+    sums = jnp.stack([jnp.vdot(g, m), sum_of_squares(g), sum_of_squares(m)])
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
