@@ -259,11 +259,13 @@ def scale_by_kron(
         if b1 > 0:
             count = state.count.astype(f32)
             beta = jnp.minimum(count / (1 + count), b1)
-            moms = [(1 - beta) * g + beta * m.astype(f32)
-                    for g, m in zip(grads, treedef.flatten_up_to(state.mu))]
+            # A skipped step keeps the old momentum; selecting before anything reads the
+            # new one lets XLA write it in place in one pass (no copy of the old state).
+            moms = [jnp.where(skip, m, (1 - beta) * g + beta * m)
+                    for g, m in zip(grads, (m.astype(f32) for m in treedef.flatten_up_to(state.mu)))]
             mu = treedef.unflatten(write(moms, mu_store, k_sr))
         if preconditioner_init_scale is None:
-            qs = lazy_scale(qs, grads, leaf_plans, state.needs_scale_init)
+            qs = lazy_scale(qs, grads, leaf_plans, state.needs_scale_init & ~skip)
 
         do_update = (jax.random.uniform(k_dec) < prob) & ~skip
         signal = grads if whiten_grad else moms
@@ -277,12 +279,12 @@ def scale_by_kron(
 
         flat_qs = [q for fs in new_qs for q in fs]
         stored = iter(write(flat_qs, q_store, k_srq))
+        keep = lambda old, new: jnp.where(skip, old, new)  # scalars; the arrays kept themselves
         new_state = KronState(
-            optax.safe_increment(state.count), mu,
+            keep(state.count, optax.safe_increment(state.count)), mu,
             treedef.unflatten([tuple(next(stored) for _ in fs) for fs in new_qs]),
             treedef.unflatten([tuple(l) for l in new_ls]) if track_lipschitz else None,
-            jnp.zeros([], bool), key_next)
-        new_state = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_state, state)
+            keep(state.needs_scale_init, False), keep(state.key, key_next))
         return treedef.unflatten(us), new_state
 
     return optax.GradientTransformation(init, update)
