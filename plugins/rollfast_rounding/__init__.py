@@ -89,12 +89,13 @@ def sr_bf16(x, key):
 
 
 def random_bits(key, shape):
-    r"""Uniform ``uint32`` bits for rounding: a counter hash keyed by one threefry draw.
+    r"""Uniform ``uint32`` bits: a counter hash keyed by one threefry draw (stochastic
+    rounding, and the probe noise of ``kron``).
 
     Element ``i`` gets :math:`h(h(\varphi i + s_1) \oplus s_2)` with ``h`` the
     ``lowbias32`` integer hash (C. Wellons) and :math:`(s_1, s_2)` drawn from ``key``
     with ``jax.random.bits``. Per element this is a handful of integer operations
-    instead of threefry's ~100, which dominates a stochastic-rounding step on CPU.
+    instead of threefry's ~100, which would dominate a stochastic-rounding step on CPU.
 
     >>> import jax
     >>> b = random_bits(jax.random.PRNGKey(0), (100_000,))
