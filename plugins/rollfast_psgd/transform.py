@@ -307,20 +307,16 @@ def _rounding(rule):
 
 
 def _pooled_normal(key, shapes) -> list:
-    """Standard normal arrays of the given shapes from one draw of random bits: one
-    random-number kernel per step to compile instead of one per array. The bits are
-    :func:`rollfast_rounding.random_bits` (a counter hash keyed by one threefry draw):
-    threefry itself takes ~45 ms for the 4.9 M bits of the benchmark tree, the hash 0.4."""
+    """Standard normal arrays of the given shapes, from one ``jax.random.bits`` draw of
+    two seeds per array: the bits are :func:`rollfast_rounding.hashed_bits` (a counter
+    hash), as threefry itself takes ~45 ms for the 4.9 M elements of the benchmark tree
+    and the hash 0.4 ms. Each array's normals are computed where they are used."""
     import jax
-    import numpy as np
-    from rollfast_rounding import random_bits
+    import jax.numpy as jnp
+    from rollfast_rounding import hashed_bits
 
-    sizes = [int(np.prod(s)) for s in shapes]
-    if not sizes:
-        return []
-    bits = jax.lax.optimization_barrier(random_bits(key, (sum(sizes),)))
-    ends = np.cumsum(sizes)
-    return [_normal(bits[end - size:end]).reshape(shape) for size, end, shape in zip(sizes, ends, shapes)]
+    seeds = jax.random.bits(key, (len(shapes), 2), jnp.uint32)
+    return [_normal(hashed_bits(s, shape)) for s, shape in zip(seeds, shapes)]
 
 
 def _normal(bits):

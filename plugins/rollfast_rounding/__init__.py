@@ -105,12 +105,25 @@ def random_bits(key, shape):
     import jax
     import jax.numpy as jnp
 
+    return hashed_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
+
+
+def hashed_bits(seeds, shape):
+    """The bits of :func:`random_bits` from its two ``uint32`` seeds (draw the seeds of
+    many arrays with one ``jax.random.bits`` call).
+
+    >>> import jax.numpy as jnp
+    >>> hashed_bits(jnp.array([1, 2], jnp.uint32), (3,)).dtype
+    dtype('uint32')
+    """
+    import jax
+    import jax.numpy as jnp
+
     def lowbias32(v):
         v = (v ^ (v >> 16)) * jnp.uint32(0x7FEB352D)
         v = (v ^ (v >> 15)) * jnp.uint32(0x846CA68B)
         return v ^ (v >> 16)
 
-    seeds = jax.random.bits(key, (2,), jnp.uint32)
     count = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     return lowbias32(lowbias32(count * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
 
