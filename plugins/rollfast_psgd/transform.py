@@ -191,12 +191,12 @@ def scale_by_kron(
     def update_preconditioner(qs, ls, signal, leaf_plans, k):
         from rollfast_psgd.factors import update_factors
 
-        k_noise, k_balance = jax.random.split(k)
+        k_noise, k_probe, k_balance = jax.random.split(k, 3)
         balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
         dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
                 for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
-        normals = _pooled_normal(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
-        noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
+        noise = iter(_normals(k_noise, [x.shape for x in signal]))
+        probes = iter(_normals(k_probe, [(2, PROBES, d) for d in dims], pooled=True))
         new_qs, new_ls = [], []
         for i, (x, (scanned, dense)) in enumerate(zip(signal, leaf_plans)):
             v = next(noise)
@@ -306,17 +306,30 @@ def _rounding(rule):
     return rule
 
 
-def _pooled_normal(key, shapes) -> list:
-    """Standard normal arrays of the given shapes, from one ``jax.random.bits`` draw of
-    two seeds per array: the bits are :func:`rollfast_rounding.hashed_bits` (a counter
-    hash), as threefry itself takes ~45 ms for the 4.9 M elements of the benchmark tree
-    and the hash 0.4 ms. Each array's normals are computed where they are used."""
+def _normals(key, shapes, pooled=False) -> list:
+    """Standard normal arrays of the given shapes from one ``jax.random.bits`` draw.
+
+    The bits are :func:`rollfast_rounding.hashed_bits`, a counter hash: threefry itself
+    takes ~45 ms for the 4.9 M elements of the benchmark tree, the hash 0.4 ms. By
+    default each array is computed where it is used, from two seeds of its own;
+    ``pooled`` draws all from one array and slices it (one kernel to compile, for many
+    small arrays; XLA counts a slice fused into a product as extra work, so not for the
+    large ones).
+    """
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from rollfast_rounding import hashed_bits
 
-    seeds = jax.random.bits(key, (len(shapes), 2), jnp.uint32)
-    return [_normal(hashed_bits(s, shape)) for s, shape in zip(seeds, shapes)]
+    if not shapes:
+        return []
+    if not pooled:
+        seeds = jax.random.bits(key, (len(shapes), 2), jnp.uint32)
+        return [_normal(hashed_bits(s, shape)) for s, shape in zip(seeds, shapes)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    flat = _normal(hashed_bits(jax.random.bits(key, (2,), jnp.uint32), (sum(sizes),)))
+    ends = np.cumsum(sizes)
+    return [flat[end - size:end].reshape(shape) for size, end, shape in zip(sizes, ends, shapes)]
 
 
 def _normal(bits):
