@@ -16,6 +16,7 @@ from rollfast_psgd.schedule import precond_update_prob_schedule
 
 GRAD_CLIP_MODES = ("per_tensor_rms", "global_rms")
 BALANCE_PROBABILITY = 0.01
+POOL_LIMIT = 1 << 16  # arrays below this many elements share one normal draw
 
 
 class KronState(NamedTuple):
@@ -191,12 +192,12 @@ def scale_by_kron(
     def update_preconditioner(qs, ls, signal, leaf_plans, k):
         from rollfast_psgd.factors import update_factors
 
-        k_noise, k_probe, k_balance = jax.random.split(k, 3)
+        k_noise, k_balance = jax.random.split(k)
         balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
         dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
                 for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
-        noise = iter(_normals(k_noise, [x.shape for x in signal]))
-        probes = iter(_normals(k_probe, [(2, PROBES, d) for d in dims], pooled=True))
+        normals = _normals(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
+        noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
         new_qs, new_ls = [], []
         for i, (x, (scanned, dense)) in enumerate(zip(signal, leaf_plans)):
             v = next(noise)
@@ -306,30 +307,33 @@ def _rounding(rule):
     return rule
 
 
-def _normals(key, shapes, pooled=False) -> list:
+def _normals(key, shapes) -> list:
     """Standard normal arrays of the given shapes from one ``jax.random.bits`` draw.
 
     The bits are :func:`rollfast_rounding.hashed_bits`, a counter hash: threefry itself
-    takes ~45 ms for the 4.9 M elements of the benchmark tree, the hash 0.4 ms. By
-    default each array is computed where it is used, from two seeds of its own;
-    ``pooled`` draws all from one array and slices it (one kernel to compile, for many
-    small arrays; XLA counts a slice fused into a product as extra work, so not for the
-    large ones).
+    takes ~45 ms for the 4.9 M elements of the benchmark tree, the hash 0.4 ms. Arrays
+    of at least ``POOL_LIMIT`` elements get two seeds of their own and are computed
+    where they are used; the smaller ones are slices of one pooled draw, so that many
+    small leaves and probes compile as one kernel. (A slice of a pool fused into a
+    large product is counted by XLA's cost analysis as extra work, hence the split.)
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
     from rollfast_rounding import hashed_bits
 
-    if not shapes:
-        return []
-    if not pooled:
-        seeds = jax.random.bits(key, (len(shapes), 2), jnp.uint32)
-        return [_normal(hashed_bits(s, shape)) for s, shape in zip(seeds, shapes)]
     sizes = [int(np.prod(s)) for s in shapes]
-    flat = _normal(hashed_bits(jax.random.bits(key, (2,), jnp.uint32), (sum(sizes),)))
-    ends = np.cumsum(sizes)
-    return [flat[end - size:end].reshape(shape) for size, end, shape in zip(sizes, ends, shapes)]
+    seeds = iter(jax.random.bits(key, (len(shapes) + 1, 2), jnp.uint32))
+    pooled = [i for i, size in enumerate(sizes) if size < POOL_LIMIT]
+    out = [None if size < POOL_LIMIT else _normal(hashed_bits(next(seeds), shape))
+           for size, shape in zip(sizes, shapes)]
+    if pooled:
+        flat = _normal(hashed_bits(next(seeds), (sum(sizes[i] for i in pooled),)))
+        start = 0
+        for i in pooled:
+            out[i] = flat[start:start + sizes[i]].reshape(shapes[i])
+            start += sizes[i]
+    return out
 
 
 def _normal(bits):
