@@ -242,7 +242,7 @@ class UpdateConfig(NamedTuple):
     axis_name: object = None
 
 
-def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig):
+def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=None):
     r"""One preconditioner update of a leaf's factors (float32, un-stacked leaf).
 
     The statistic :math:`X = Qh` or :math:`Ph` (and :math:`B = Q^{-T}v` for inverse-probe
@@ -264,6 +264,9 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig):
         the probe of the bound ℓ and that of the geometry.
       balance: a boolean scalar.
       cfg: the :class:`UpdateConfig`.
+      segments: for a :class:`Packing` of small leaves (one diagonal factor holding
+        several leaves), their :class:`Segments`: bounds, Lipschitz estimates and steps
+        are then per segment, exactly as for the leaves one by one.
 
     Returns:
       ``(new_qs, new_ls)``.
@@ -296,7 +299,7 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig):
         else:
             t2 = mean(gram(b, i, dense))
         if not dense:
-            bound = jnp.max(t1 + t2)
+            bound = jnp.max(t1 + t2) if segments is None else segments.max(t1 + t2)
         elif b is None:
             bound = nlb_spd(t1, p_bound) + t2
         else:
@@ -309,6 +312,8 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig):
             new_ls.append(l_new)
         else:
             eta = cfg.preconditioner_lr / (bound + tiny)
+        if segments is not None:
+            eta = segments.spread(eta)
         terms = FactorTerms(t1, t2, eta, bound, p_geom, cfg.newton_schulz_iters)
         move = spec.update_dense if dense else (spec.update_diag or diag_step)
         new_qs.append(move(q, terms).astype(jnp.float32))
@@ -340,3 +345,109 @@ def balanced(qs, when, axis_name=None):
     nus = jnp.where(positive, nus, 1.0)
     scales = jnp.where(when & positive, jnp.exp(jnp.mean(jnp.log(nus))) / nus, 1.0)
     return [q * s for q, s in zip(qs, scales)]
+
+
+class Segments(NamedTuple):
+    """Consecutive segments of a packed vector: reductions per segment and back.
+
+    >>> import jax.numpy as jnp
+    >>> seg = Segments((2, 1))
+    >>> seg.max(jnp.array([1.0, 3.0, 2.0])), seg.spread(jnp.array([10.0, 20.0]))
+    (Array([3., 2.], dtype=float32), Array([10., 10., 20.], dtype=float32))
+    """
+
+    sizes: tuple
+
+    def _ids(self):
+        import numpy as np
+
+        return np.repeat(np.arange(len(self.sizes)), self.sizes)
+
+    def max(self, x):
+        import jax
+
+        return jax.ops.segment_max(x, self._ids(), len(self.sizes), indices_are_sorted=True)
+
+    def mean(self, x):
+        import jax
+        import jax.numpy as jnp
+
+        total = jax.ops.segment_sum(x, self._ids(), len(self.sizes), indices_are_sorted=True)
+        return total / jnp.asarray(self.sizes, x.dtype)
+
+    def spread(self, v):
+        import jax.numpy as jnp
+
+        return jnp.repeat(v, jnp.asarray(self.sizes), total_repeat_length=sum(self.sizes))
+
+
+class Packing(NamedTuple):
+    r"""Small leaves run as one unit: every leaf of at most one axis (not scanned) has a
+    single diagonal factor, and everything kron does to it is elementwise except a max
+    or mean per leaf, so these leaves are concatenated into one vector and those
+    reductions run per :class:`Segments`. The numbers are those of the leaves one by
+    one; the compiled step has one set of kernels instead of one per leaf (each small
+    leaf otherwise adds about 0.3 s of compile time).
+
+    ``others``: indices of the leaves that stay alone; ``small``: those packed, with
+    their ``sizes``. Units are ``others`` in order, then the packed one (if any).
+
+    >>> import jax.numpy as jnp
+    >>> pk = Packing.of([(False, (True, False)), (False, (False,)), (False, (False,))],
+    ...                 [(2, 3), (4,), ()])
+    >>> [u.shape for u in pk.pack([jnp.ones((2, 3)), jnp.ones(4), jnp.ones(())])]
+    [(2, 3), (5,)]
+    """
+
+    others: tuple
+    small: tuple
+    sizes: tuple
+
+    @classmethod
+    def of(cls, plans, shapes, enabled=True):
+        """Pack the un-scanned leaves of at most one axis, if there are two or more."""
+        import math
+
+        small = tuple(i for i, ((scanned, _), shape) in enumerate(zip(plans, shapes))
+                      if enabled and not scanned and len(shape) <= 1)
+        if len(small) < 2:
+            small = ()
+        others = tuple(i for i in range(len(plans)) if i not in small)
+        return cls(others, small, tuple(max(math.prod(shapes[i]), 1) for i in small))
+
+    @property
+    def segments(self) -> list:
+        """Per unit: ``None``, or the packed unit's :class:`Segments`."""
+        return [None] * len(self.others) + ([Segments(self.sizes)] if self.small else [])
+
+    def pack(self, per_leaf: list) -> list:
+        """Per-leaf arrays (or lists of one factor each) → per-unit."""
+        import jax.numpy as jnp
+
+        units = [per_leaf[i] for i in self.others]
+        if self.small:
+            items = [per_leaf[i] for i in self.small]
+            if isinstance(items[0], (list, tuple)):
+                units.append([jnp.concatenate([jnp.reshape(x[0], -1) for x in items])])
+            else:
+                units.append(jnp.concatenate([jnp.reshape(x, -1) for x in items]))
+        return units
+
+    def unpack(self, units: list, like: list) -> list:
+        """Per-unit → per-leaf, shaped like the per-leaf ``like``."""
+        import numpy as np
+
+        out = [None] * len(like)
+        for i, unit in zip(self.others, units):
+            out[i] = unit
+        if self.small:
+            packed = units[-1]
+            is_list = isinstance(packed, (list, tuple))
+            flat = packed[0] if is_list else packed
+            start = 0
+            for i in self.small:
+                shape = np.shape(like[i][0] if is_list else like[i])
+                piece = flat[start:start + max(int(np.prod(shape)), 1)].reshape(shape)
+                start += piece.size
+                out[i] = [piece] if is_list else piece
+        return out

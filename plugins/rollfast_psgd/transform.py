@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from rollfast_psgd.factors import MEMORY_SAVE_MODES, UpdateConfig, mode_spec
+from rollfast_psgd.factors import MEMORY_SAVE_MODES, Packing, UpdateConfig, mode_spec
 from rollfast_psgd.linalg import PROBES
 from rollfast_psgd.schedule import precond_update_prob_schedule
 
@@ -182,14 +182,15 @@ def scale_by_kron(
                          treedef.unflatten(ls) if track_lipschitz else None,
                          jnp.asarray(preconditioner_init_scale is None), k)
 
-    def lazy_scale(qs, grads, leaf_plans, flag):
+    def lazy_scale(qs, grads, leaf_plans, flag, segments):
+        mean4 = lambda g, seg: jnp.mean(g**4) if seg is None else jnp.max(seg.mean(g**4))
         mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned
-               else jnp.mean(g**4) for g, (scanned, _) in zip(grads, leaf_plans)]
+               else mean4(g, seg) for g, (scanned, _), seg in zip(grads, leaf_plans, segments)]
         s = (jnp.max(jnp.stack(mu4)) + damping**4) ** (-1 / 8)
         s = reduce(jax.lax.pmean, s)
         return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
 
-    def update_preconditioner(qs, ls, signal, leaf_plans, k):
+    def update_preconditioner(qs, ls, signal, leaf_plans, segments, k):
         from rollfast_psgd.factors import update_factors
 
         k_noise, k_balance = jax.random.split(k)
@@ -199,11 +200,11 @@ def scale_by_kron(
         normals = _normals(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
         noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
         new_qs, new_ls = [], []
-        for i, (x, (scanned, dense)) in enumerate(zip(signal, leaf_plans)):
+        for i, (x, (scanned, dense), seg) in enumerate(zip(signal, leaf_plans, segments)):
             v = next(noise)
             h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
             leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
-            step = lambda q, l, h, v, p=leaf_probes: update_factors(q, l, h, v, p, balance, cfg)
+            step = lambda q, l, h, v, p=leaf_probes, seg=seg: update_factors(q, l, h, v, p, balance, cfg, seg)
             q, l = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
                                             view(h.astype(f32), scanned), view(v, scanned))
             new_qs.append(q)
@@ -217,14 +218,15 @@ def scale_by_kron(
         return [per_layer(apply, scanned)(fs, view(m, scanned)).reshape(m.shape)
                 for fs, m, (scanned, _) in zip(qs, moms, leaf_plans)]
 
-    def clip(us):
+    def clip(us, segments):
         if grad_clip_mode == "global_rms":
             total = reduce(jax.lax.psum, sum(jnp.sum(u * u) for u in us))
             count = reduce(jax.lax.psum, jnp.float32(sum(u.size for u in us)))
             factor = jnp.minimum(1.0, rms_cap / jnp.maximum(jnp.sqrt(total / count), tiny))
             return [u * factor for u in us]
-        rms = lambda u: jnp.sqrt(jnp.mean(u * u))
-        return [jnp.clip(u * jnp.minimum(1.0, rms_cap / (rms(u) + tiny)), -elem_cap, elem_cap) for u in us]
+        rms = lambda u, seg: jnp.sqrt(jnp.mean(u * u)) if seg is None else seg.spread(jnp.sqrt(seg.mean(u * u)))
+        return [jnp.clip(u * jnp.minimum(1.0, rms_cap / (rms(u, seg) + tiny)), -elem_cap, elem_cap)
+                for u, seg in zip(us, segments)]
 
     def write(arrays, dtype, k):
         if dtype == f32:
@@ -265,18 +267,26 @@ def scale_by_kron(
             moms = [jnp.where(skip, m, (1 - beta) * g + beta * m)
                     for g, m in zip(grads, (m.astype(f32) for m in treedef.flatten_up_to(state.mu)))]
             mu = treedef.unflatten(write(moms, mu_store, k_sr))
+        # From here on small leaves run packed as one unit (see Packing).
+        pk = Packing.of(leaf_plans, [g.shape for g in grads], enabled=spec.update_diag is None)
+        unit_plans = [leaf_plans[i] for i in pk.others] + [(False, (False,))] * bool(pk.small)
+        segments = pk.segments
+        unit_qs, unit_ls = pk.pack(qs), (None if ls is None else pk.pack(ls))
         if preconditioner_init_scale is None:
-            qs = lazy_scale(qs, grads, leaf_plans, state.needs_scale_init & ~skip)
+            unit_qs = lazy_scale(unit_qs, pk.pack(grads), unit_plans, state.needs_scale_init & ~skip, segments)
 
         do_update = (jax.random.uniform(k_dec) < prob) & ~skip
-        signal = grads if whiten_grad else moms
+        signal = pk.pack(grads if whiten_grad else moms)
         with jax.default_matmul_precision(precond_update_precision):
             new_qs, new_ls = jax.lax.cond(
-                do_update, lambda q, l: update_preconditioner(q, l, signal, leaf_plans, k_upd),
-                lambda q, l: (q, l), qs, ls)
+                do_update, lambda q, l: update_preconditioner(q, l, signal, unit_plans, segments, k_upd),
+                lambda q, l: (q, l), unit_qs, unit_ls)
         with jax.default_matmul_precision(precond_grads_precision):
-            us = clip(precondition(new_qs if update_preconditioner_first else qs, moms, leaf_plans))
-        us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(us, leaves)]
+            us = clip(precondition(new_qs if update_preconditioner_first else unit_qs, pk.pack(moms),
+                                   unit_plans), segments)
+        us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(pk.unpack(us, leaves), leaves)]
+        new_qs = pk.unpack(new_qs, qs)
+        new_ls = None if ls is None else pk.unpack(new_ls, ls)
 
         flat_qs = [q for fs in new_qs for q in fs]
         stored = iter(write(flat_qs, q_store, k_srq))
