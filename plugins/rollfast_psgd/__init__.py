@@ -28,7 +28,10 @@ Per leaf it forms, once and from the old factors, the statistic ``X = P·h``
 
 The mode returns the moved factor: ``update_dense(q, terms) -> q`` for a float32
 ``(d, d)`` factor, and optionally ``update_diag(q, terms) -> q`` for a ``(d,)``
-factor (default: ``|q ⊙ (1 − η (t1 − t2))|``, Li's diagonal rule). The family casts,
+factor (default: ``|q ⊙ (1 − η (t1 − t2))|``, Li's diagonal rule; with the default
+rule the family packs all vectors and scalars into one diagonal factor whose
+``terms.eta`` is then a vector, see :class:`~rollfast_psgd.factors.Packing`, and a mode
+that registers its own ``update_diag`` gets each leaf alone). The family casts,
 balances and stores the result; a mode holds no state and its only randomness is
 ``terms.probe`` (all of a step's probes come from one normal draw, which keeps
 compilation small). Shared building blocks (norm bounds, Procrustes, Newton–Schulz,
