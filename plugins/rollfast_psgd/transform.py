@@ -124,6 +124,7 @@ def scale_by_kron(
     import jax
     import jax.numpy as jnp
     import optax
+    from rollfast_clip import all_finite
 
     spec = mode_spec(_mode_record(mode).impl)
     rounding = _rounding(round)
@@ -244,8 +245,7 @@ def scale_by_kron(
         ls = [list(l) for l in treedef.flatten_up_to(state.ls)] if track_lipschitz else None
         key_step, key_next = jax.random.split(state.key)
         k_sr, k_srq, k_dec, k_upd = jax.random.split(key_step, 4)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
-        finite = reduce(jax.lax.pmin, finite.astype(jnp.int32)) > 0
+        finite = all_finite(grads, axis_name)
 
         skip = ~finite
         if raw_global_grad_clip is not None:
