@@ -381,3 +381,19 @@ def test_small_leaves_packed_equal_the_leaves_one_by_one(mode):
         for k in params:
             uk, states[k] = alone[k].update({k: grads[k]}, states[k], {k: params[k]})
             np.testing.assert_allclose(u[k], uk[k], rtol=1e-5, atol=1e-7)
+
+
+def test_empty_leaves_change_nothing():
+    """Zero-size leaves get empty updates and leave the other leaves' numbers as they are."""
+    opts = dict(learning_rate=0.1, preconditioner_update_probability=1.0)
+    params = {"a": jnp.ones(3), "b": jnp.ones(()), "w": jnp.ones((3, 2))}
+    with_empty = dict(params, e=jnp.ones((0,)), z=jnp.ones((0, 4)))
+    grads = lambda p, t: jax.tree.map(lambda x: jnp.cos(x * (t + 1)) * 0.5, p)
+    opt = rollfast.get("kron", **opts)
+    s1, s2 = opt.init(params), opt.init(with_empty)
+    for t in range(3):
+        u1, s1 = jax.jit(opt.update)(grads(params, t), s1, params)
+        u2, s2 = jax.jit(opt.update)(grads(with_empty, t), s2, with_empty)
+        assert u2["e"].shape == (0,) and u2["z"].shape == (0, 4)
+        for k in params:  # the noise stream differs; it is ~1e-7 relative here
+            np.testing.assert_allclose(u2[k], u1[k], rtol=1e-4)

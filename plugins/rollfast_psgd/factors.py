@@ -405,15 +405,15 @@ class Packing(NamedTuple):
 
     @classmethod
     def of(cls, plans, shapes, enabled=True):
-        """Pack the un-scanned leaves of at most one axis, if there are two or more."""
+        """Pack the un-scanned, non-empty leaves of at most one axis, if there are two or more."""
         import math
 
         small = tuple(i for i, ((scanned, _), shape) in enumerate(zip(plans, shapes))
-                      if enabled and not scanned and len(shape) <= 1)
+                      if enabled and not scanned and len(shape) <= 1 and math.prod(shape) > 0)
         if len(small) < 2:
             small = ()
         others = tuple(i for i in range(len(plans)) if i not in small)
-        return cls(others, small, tuple(max(math.prod(shapes[i]), 1) for i in small))
+        return cls(others, small, tuple(math.prod(shapes[i]) for i in small))
 
     @property
     def segments(self) -> list:

@@ -186,8 +186,9 @@ def scale_by_kron(
     def lazy_scale(qs, grads, leaf_plans, flag, segments):
         mean4 = lambda g, seg: jnp.mean(g**4) if seg is None else jnp.max(seg.mean(g**4))
         mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned
-               else mean4(g, seg) for g, (scanned, _), seg in zip(grads, leaf_plans, segments)]
-        s = (jnp.max(jnp.stack(mu4)) + damping**4) ** (-1 / 8)
+               else mean4(g, seg) for g, (scanned, _), seg in zip(grads, leaf_plans, segments)
+               if g.size]
+        s = (jnp.max(jnp.stack(mu4 or [jnp.float32(0)])) + damping**4) ** (-1 / 8)
         s = reduce(jax.lax.pmean, s)
         return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
 
@@ -203,8 +204,12 @@ def scale_by_kron(
         new_qs, new_ls = [], []
         for i, (x, (scanned, dense), seg) in enumerate(zip(signal, leaf_plans, segments)):
             v = next(noise)
-            h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
             leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
+            if x.size == 0:  # an empty leaf has nothing to fit
+                new_qs.append(qs[i])
+                new_ls.append(None if ls is None else ls[i])
+                continue
+            h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
             step = lambda q, l, h, v, p=leaf_probes, seg=seg: update_factors(q, l, h, v, p, balance, cfg, seg)
             q, l = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
                                             view(h.astype(f32), scanned), view(v, scanned))
