@@ -137,15 +137,17 @@ def _default(part: Contribution, option: str):
 
 
 def _leaf_rules(inner, family: Contribution):
-    """Optimise floating-point leaves only: ``None`` leaves reach the family as
-    ``optax.MaskedNode`` and come back as ``None``; integer leaves get zero updates
-    (so ``optax.apply_updates`` keeps them). Update arguments shaped like the
-    updates get the same holes; a missing one that the family needs is an error."""
+    """Optimise non-empty floating-point leaves only: ``None`` leaves reach the family as
+    ``optax.MaskedNode`` and come back as ``None``; integer and empty leaves get zero
+    updates (so ``optax.apply_updates`` keeps them, and no family has to reduce over
+    an empty array). Update arguments shaped like the updates get the same holes; a
+    missing one that the family needs is an error."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    is_float = lambda x: x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    is_float = lambda x: (x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+                          and jnp.size(x) > 0)
     mask = lambda tree: jax.tree.map(is_float, tree, is_leaf=lambda x: x is None)
     masked = optax.masked(inner, mask, mask_compatible_extra_args=True)
     needs = tuple(family.metadata.get("update_args", ()))

@@ -1,6 +1,6 @@
 """Every registered family, whatever plugin provides it: builds with its default
-options plus a learning rate, runs jitted on the mixed tree without error or NaN,
-and decreases a convex quadratic in 50 steps."""
+options plus a learning rate, runs jitted on the mixed tree (plus a zero-size leaf)
+without error or NaN, and decreases a convex quadratic in 50 steps."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _learning_rate_option(record) -> dict:
 
 
 def _problem():
-    params = rt.mixed_tree()
+    params = dict(rt.mixed_tree(), empty=jnp.zeros((0, 3)))  # a zero-size leaf too
     target = {k: v for k, v in rt.mixed_tree(seed=1).items() if k in FLOAT_KEYS}
     quadratic = rt.quadratic_loss(target)
 
@@ -62,7 +62,8 @@ def _step_fn(opt, loss, update_args):
     @jax.jit
     def step(params, state):
         value, grads = jax.value_and_grad(loss)({k: params[k] for k in FLOAT_KEYS})
-        grads = {**grads, "nothing": None, "count": jnp.zeros_like(params["count"])}
+        grads = {**grads, "nothing": None, "count": jnp.zeros_like(params["count"]),
+                 "empty": jnp.zeros((0, 3))}
         provided = {"value": value, "grad": grads, "value_fn": loss, "obj_fn": loss}
         missing = set(update_args) - set(provided)
         assert not missing, f"the test does not know how to provide {missing}"
@@ -90,6 +91,7 @@ def _run(record):
             assert _all_finite(params) and _all_finite(state), "NaN/Inf after 3 steps"
             assert params["nothing"] is None
             assert params["count"].tolist() == [0, 1, 2], "an int leaf moved"
+            assert params["empty"].shape == (0, 3)
     last = float(loss(params))
     assert _all_finite(params) and _all_finite(state), f"NaN/Inf after {STEPS} steps"
     assert last < 0.999 * first, f"loss {first:.4g} -> {last:.4g} in {STEPS} steps"
