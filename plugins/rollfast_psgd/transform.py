@@ -124,7 +124,7 @@ def scale_by_kron(
     import jax
     import jax.numpy as jnp
     import optax
-    from rollfast_clip import all_finite
+    from rollfast_clip import all_finite, sum_of_squares
 
     spec = mode_spec(_mode_record(mode).impl)
     rounding = _rounding(round)
@@ -254,7 +254,7 @@ def scale_by_kron(
 
         skip = ~finite
         if raw_global_grad_clip is not None:
-            norm = jnp.sqrt(reduce(jax.lax.psum, sum(jnp.sum(g * g) for g in grads)))
+            norm = jnp.sqrt(reduce(jax.lax.psum, sum(sum_of_squares(g) for g in grads)))
             spike = norm > raw_global_grad_clip
             grads = [jnp.where(spike, g * (raw_global_grad_clip / (norm + tiny)), g) for g in grads]
         prob = (preconditioner_update_probability(optax.safe_increment(state.count))
