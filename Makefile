@@ -22,4 +22,4 @@ test: setup
 	$(BIN)/python -m pytest -q -n auto
 
 bench: setup
-	for b in bench/[a-z]*.py; do [ "$$b" = bench/common.py ] || $(BIN)/python $$b; done
+	for b in bench/[a-z]*.py; do n=$$(basename $$b .py); [ $$n = common ] || PATH=$(BIN):$$PATH $(BIN)/python -m bench.$$n; done

@@ -7,7 +7,7 @@ two rows: ``0.03·t(p=1) + 0.97·t(p=0)``. Rows are timed in two interleaved rou
 machine is shared; each keeps its best); the matmul peak is the better of a measurement
 before and after.
 
-    python bench/kron_modes.py [MODE ...]
+    python -m bench.kron_modes [MODE ...]
 """
 
 from __future__ import annotations

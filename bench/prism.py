@@ -7,7 +7,7 @@ it). The
 auto partitioner sends the 3×3×64×64 conv kernel (as 576×64), 784×512, 512×512,
 512×10 and 1024×4096 to PRISM, biases and the scalar to AdamW.
 
-    python bench/prism.py [MODE ...]
+    python -m bench.prism [MODE ...]
 """
 
 from __future__ import annotations
