@@ -10,7 +10,7 @@ from __future__ import annotations
 
 PROBES = 32
 PROCRUSTES_MAX_STEP = 0.125
-NS_TOL = 1e-4
+NS_TOL = 1e-3  # XᵀX this close to I: one more Newton–Schulz step reaches float32 accuracy
 NS_EXTRA_ITERS = 40
 EXPM_THETA = 0.125  # ‖A‖ up to which the degree-4 Taylor polynomial is float32-accurate
 
@@ -123,15 +123,19 @@ def ns_spd(q, probe, iters):
         \quad Q \leftarrow \operatorname{sym}(X^T Q)
 
     where :math:`\sigma^2` is :func:`nlb_spd` of :math:`Q^TQ`; :math:`X` tends to the
-    orthogonal polar factor of :math:`Q`. At least ``iters`` iterations, then more until
-    :math:`\max|X^TX - I| \le 10^{-4}` (at most ``iters + 40``): a singular value
-    :math:`s \ll \sigma` only grows by 1.5× per iteration, and stopping early would shrink
-    it in :math:`X^TQ` (ALGORITHMS.md §2.13).
+    orthogonal polar factor of :math:`Q`. A step squares the error of a singular value
+    near 1 (:math:`1+\delta \mapsto 1 - \tfrac32\delta^2`), so the iteration stops after
+    the step that began with :math:`\max|X^TX - I| \le 10^{-3}`: :math:`X` is then
+    orthogonal to float32 accuracy and further steps change nothing. A well-conditioned
+    ``q`` needs about three steps. An ill-conditioned one needs more, since a singular
+    value :math:`s \ll \sigma` only grows by 1.5× per step and stopping early would
+    shrink it in :math:`X^TQ` (ALGORITHMS.md §2.13); the reference's fixed ``iters``
+    steps are therefore not a limit, ``iters + 40`` is.
 
     Args:
       q: a square matrix.
       probe: a ``(32, d)`` standard normal matrix for the norm bound.
-      iters: least number of Newton–Schulz iterations.
+      iters: the reference's number of iterations; at most ``iters + 40`` run.
 
     >>> import jax, jax.numpy as jnp
     >>> ns_spd(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.ones((32, 2)), 5)
@@ -143,19 +147,22 @@ def ns_spd(q, probe, iters):
 
     qtq = q.T @ q
     scale = 1 / (jnp.sqrt(nlb_spd(qtq, probe)) + jnp.finfo(jnp.float32).eps)
-    x = q * scale
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
 
+    def step(x, gram):
+        return 0.5 * x @ (3 * eye - gram), jnp.max(jnp.abs(gram - eye))
+
     def running(carry):
-        _, gram, i = carry
-        return (i < iters) | ((i < iters + NS_EXTRA_ITERS) & (jnp.max(jnp.abs(gram - eye)) > NS_TOL))
+        _, i, started_from = carry
+        return (started_from > NS_TOL) & (i < iters + NS_EXTRA_ITERS)
 
-    def step(carry):
-        x, gram, i = carry
-        x = 0.5 * x @ (3 * eye - gram)
-        return x, x.T @ x, i + 1
+    def body(carry):
+        x, i, _ = carry
+        x, started_from = step(x, x.T @ x)
+        return x, i + 1, started_from
 
-    x, _, _ = jax.lax.while_loop(running, step, (x, qtq * scale**2, 0))  # XᵀX from QᵀQ
+    x, started_from = step(q * scale, qtq * scale**2)  # the first XᵀX from QᵀQ
+    x, _, _ = jax.lax.while_loop(running, body, (x, 1, started_from))
     return sym(x.T @ q)
 
 

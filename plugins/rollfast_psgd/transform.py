@@ -109,7 +109,8 @@ def scale_by_kron(
       grad_clip_mode: ``"per_tensor_rms"`` or ``"global_rms"``.
       raw_global_grad_clip: clip the raw gradient to this global L2 norm (a "spike").
       permissive_spike_protection: while ``p >= 1`` spikes are clipped, not skipped.
-      newton_schulz_iters: iterations of the NS mode's polar projection.
+      newton_schulz_iters: the NS mode's reference iteration count; its polar projection
+        runs to convergence, at most ``newton_schulz_iters + 40`` steps.
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
