@@ -46,7 +46,7 @@ def main() -> None:
     stochastic = lambda p, u, key: rollfast.apply_updates(p, u, key)
     cases = [compile_step(name, opt, standard_tree(dtype=dtype), apply=stochastic if sr else None)
              for name, opt, dtype, sr in configs]
-    rows = time_interleaved(cases, rounds=7)
+    rows = time_interleaved(cases, rounds=25, steps=5)
     print_table(rows, baseline="rollfast adamw", peak_gflops=matmul_peak_gflops())
     grad_ms = min(case.grad_ms for case in cases[:-3])
     base = rows[1].step_ms
