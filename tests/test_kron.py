@@ -326,14 +326,14 @@ def test_probe_noise_is_standard_normal_and_keyed():
     from rollfast_psgd.transform import _normals
 
     for size in (200_000, 2_000):  # own seeds, and slices of the pooled draw
-        a, b, *_ = _normals(jax.random.PRNGKey(0), [(size,), (4, size // 4)] + [(5,)] * 3)
+        a, b, *_ = _normals(jax.random.PRNGKey(0), [(size,), (4, size // 4)] + [(5,)] * 3)()
         x = np.concatenate([np.asarray(a), np.asarray(b).ravel()]).astype(np.float64)
         n = x.size
         assert abs(x.mean()) < 4 / np.sqrt(n) and abs(x.var() - 1) < 4 * np.sqrt(2 / n)
         assert stats.kstest(x, "norm").pvalue > 1e-3
         assert abs(np.corrcoef(x[:-1], x[1:])[0, 1]) < 4 / np.sqrt(n)  # neighbours independent
         assert abs(np.corrcoef(x[:size], x[size:])[0, 1]) < 4 / np.sqrt(size)  # arrays too
-        other = np.asarray(_normals(jax.random.PRNGKey(1), [(size,)])[0])
+        other = np.asarray(_normals(jax.random.PRNGKey(1), [(size,)])()[0])
         assert abs(np.corrcoef(np.asarray(a), other)[0, 1]) < 4 / np.sqrt(size)  # keys differ
 
 
@@ -365,7 +365,9 @@ def test_packed_factor_update_equals_the_leaves_one_by_one(mode):
 @pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "TAYLOR2"])
 def test_small_leaves_packed_equal_the_leaves_one_by_one(mode):
     """Vectors and scalars run as one packed unit; the numbers are per leaf as before
-    (up to the probe noise, which differs and is ~1e-7 relative in these modes)."""
+    (up to the probe noise, which differs and is ~1e-7 relative for them). The matrix
+    ``w`` is not packed; its dense factors' norm bounds use random probes, which differ
+    between the two runs, so it only has to agree loosely."""
     rng = np.random.default_rng(0)
     params = {"a": jnp.ones(5), "b": jnp.ones(()), "c": jnp.ones(3), "w": jnp.ones((4, 3))}
     opts = dict(learning_rate=0.1, mode=mode, preconditioner_update_probability=1.0,
@@ -380,7 +382,8 @@ def test_small_leaves_packed_equal_the_leaves_one_by_one(mode):
         u, state = jax.jit(joint.update)(grads, state, params)
         for k in params:
             uk, states[k] = alone[k].update({k: grads[k]}, states[k], {k: params[k]})
-            np.testing.assert_allclose(u[k], uk[k], rtol=1e-5, atol=1e-7)
+            tol = dict(rtol=1e-3, atol=1e-6) if k == "w" else dict(rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(u[k], uk[k], **tol)
 
 
 def test_empty_leaves_change_nothing():

@@ -149,20 +149,16 @@ def ns_spd(q, probe, iters):
     scale = 1 / (jnp.sqrt(nlb_spd(qtq, probe)) + jnp.finfo(jnp.float32).eps)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
 
-    def step(x, gram):
-        return 0.5 * x @ (3 * eye - gram), jnp.max(jnp.abs(gram - eye))
-
     def running(carry):
         _, i, started_from = carry
         return (started_from > NS_TOL) & (i < iters + NS_EXTRA_ITERS)
 
-    def body(carry):
+    def step(carry):
         x, i, _ = carry
-        x, started_from = step(x, x.T @ x)
-        return x, i + 1, started_from
+        gram = x.T @ x
+        return 0.5 * x @ (3 * eye - gram), i + 1, jnp.max(jnp.abs(gram - eye))
 
-    x, started_from = step(q * scale, qtq * scale**2)  # the first XᵀX from QᵀQ
-    x, _, _ = jax.lax.while_loop(running, body, (x, 1, started_from))
+    x, _, _ = jax.lax.while_loop(running, step, (q * scale, 0, jnp.float32(jnp.inf)))
     return sym(x.T @ q)
 
 

@@ -193,14 +193,18 @@ def scale_by_kron(
         s = reduce(jax.lax.pmean, s)
         return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
 
-    def update_preconditioner(qs, ls, signal, leaf_plans, segments, k):
-        from rollfast_psgd.factors import update_factors
-
+    def noise_for(signal, leaf_plans, k):
+        """The probe noise of an update (a deferred draw, see ``_normals``) and whether it balances."""
         k_noise, k_balance = jax.random.split(k)
-        balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
         dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
                 for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
-        normals = _normals(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
+        draw = _normals(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
+        return draw, jax.random.uniform(k_balance) < BALANCE_PROBABILITY
+
+    def update_preconditioner(qs, ls, signal, leaf_plans, segments, draw, balance):
+        from rollfast_psgd.factors import update_factors
+
+        normals = draw()
         noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
         new_qs, new_ls = [], []
         for i, (x, (scanned, dense), seg) in enumerate(zip(signal, leaf_plans, segments)):
@@ -283,9 +287,10 @@ def scale_by_kron(
 
         do_update = (jax.random.uniform(k_dec) < prob) & ~skip
         signal = pk.pack(grads if whiten_grad else moms)
+        draw, balance = noise_for(signal, unit_plans, k_upd)
         with jax.default_matmul_precision(precond_update_precision):
             new_qs, new_ls = jax.lax.cond(
-                do_update, lambda q, l: update_preconditioner(q, l, signal, unit_plans, segments, k_upd),
+                do_update, lambda q, l: update_preconditioner(q, l, signal, unit_plans, segments, draw, balance),
                 lambda q, l: (q, l), unit_qs, unit_ls)
         with jax.default_matmul_precision(precond_grads_precision):
             us = clip(precondition(new_qs if update_preconditioner_first else unit_qs, pk.pack(moms),
@@ -323,15 +328,20 @@ def _rounding(rule):
     return rule
 
 
-def _normals(key, shapes) -> list:
-    """Standard normal arrays of the given shapes from one ``jax.random.bits`` draw.
+def _normals(key, shapes):
+    """Standard normal arrays of the given shapes from one ``jax.random.bits`` draw, deferred.
 
     The bits are :func:`rollfast_rounding.hashed_bits`, a counter hash: threefry itself
     takes ~45 ms for the 4.9 M elements of the benchmark tree, the hash 0.4 ms. Arrays
-    of at least ``POOL_LIMIT`` elements get two seeds of their own and are computed
-    where they are used; the smaller ones are slices of one pooled draw, so that many
-    small leaves and probes compile as one kernel. (A slice of a pool fused into a
-    large product is counted by XLA's cost analysis as extra work, hence the split.)
+    of fewer than ``POOL_LIMIT`` elements (small leaves, probes) are slices of one pooled
+    draw, computed now; the larger ones get two seeds each and are computed when the
+    returned ``draw()`` is called. Called inside the ``lax.cond`` branch that uses them,
+    each large array fuses into its consumer, while the pool is one operand of the
+    branch, computed once: fused into each of its ~50 consumers, XLA compiled ~50
+    copies of the hash.
+
+    Returns:
+      ``draw``, a function of no arguments returning the list of arrays.
     """
     import jax
     import jax.numpy as jnp
@@ -339,17 +349,21 @@ def _normals(key, shapes) -> list:
     from rollfast_rounding import hashed_bits
 
     sizes = [int(np.prod(s)) for s in shapes]
-    seeds = iter(jax.random.bits(key, (len(shapes) + 1, 2), jnp.uint32))
+    seeds = jax.random.bits(key, (len(shapes) + 1, 2), jnp.uint32)
     pooled = [i for i, size in enumerate(sizes) if size < POOL_LIMIT]
-    out = [None if size < POOL_LIMIT else _normal(hashed_bits(next(seeds), shape))
-           for size, shape in zip(sizes, shapes)]
-    if pooled:
-        flat = _normal(hashed_bits(next(seeds), (sum(sizes[i] for i in pooled),)))
-        start = 0
-        for i in pooled:
-            out[i] = flat[start:start + sizes[i]].reshape(shapes[i])
-            start += sizes[i]
-    return out
+    pool = _normal(hashed_bits(seeds[-1], (sum(sizes[i] for i in pooled),))) if pooled else None
+
+    def draw():
+        out, start = [], 0
+        for i, (size, shape) in enumerate(zip(sizes, shapes)):
+            if size < POOL_LIMIT:
+                out.append(pool[start:start + size].reshape(shape))
+                start += size
+            else:
+                out.append(_normal(hashed_bits(seeds[i], shape)))
+        return out
+
+    return draw
 
 
 def _normal(bits):
