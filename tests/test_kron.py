@@ -400,3 +400,32 @@ def test_empty_leaves_change_nothing():
         assert u2["e"].shape == (0,) and u2["z"].shape == (0, 4)
         for k in params:  # the noise stream differs; it is ~1e-7 relative here
             np.testing.assert_allclose(u2[k], u1[k], rtol=1e-4)
+
+
+def test_triangular_blocking_changes_no_numbers(monkeypatch):
+    """EQ's upper-triangular factors skip their zero block in Q·h, QᵀQ and triu(E)·Q once
+    they have ``UPPER_BLOCKING`` rows; forced on small factors (odd sizes, every axis
+    position), the steps equal those of whole products."""
+    import rollfast_psgd.factors as factors
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.ones((7, 5)), "t": jnp.ones((3, 6, 4)), "b": jnp.ones(5)}
+    grads = [{k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
+             for _ in range(4)]
+
+    def run(blocking):
+        monkeypatch.setattr(factors, "UPPER_BLOCKING", blocking)
+        monkeypatch.setattr(factors.along_upper, "__defaults__", (blocking,))
+        opt = rollfast.get("kron", learning_rate=0.1, mode="EQ", preconditioner_update_probability=1.0)
+        state, out = opt.init(params), []
+        with jax.default_matmul_precision("highest"):
+            for g in grads:
+                u, state = jax.jit(opt.update)(g, state, params)
+                out.append(u)
+        return out, state
+
+    blocked, whole = run(2), run(1 << 30)
+    factor = next(x for x in jax.tree.leaves(blocked[1]) if x.shape == (6, 6))
+    assert np.array_equal(np.triu(factor), factor) and np.any(np.triu(factor, 1) != 0)
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

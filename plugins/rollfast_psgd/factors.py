@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 STATISTICS = ("Ph", "Qh")
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 MAX_NDIM = 13
+UPPER_BLOCKING = 1024  # triangular factors at least this large skip their zero block
 
 
 class FactorTerms(NamedTuple):
@@ -138,35 +139,88 @@ def along(m, x, axis):
     return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
 
 
-def apply_all(mats, x):
+def along_upper(m, x, axis, blocking=UPPER_BLOCKING):
+    r""":func:`along` for an upper-triangular ``m``, skipping its zero block.
+
+    .. math::
+        \begin{pmatrix}M_{11} & M_{12}\\ 0 & M_{22}\end{pmatrix}
+        \begin{pmatrix}X_1\\ X_2\end{pmatrix} =
+        \begin{pmatrix}M_{11}X_1 + M_{12}X_2\\ M_{22}X_2\end{pmatrix}
+
+    three of the four block products (matrices of at least ``blocking`` rows).
+
+    Args:
+      m: an upper-triangular ``(d, d)`` matrix.
+      x: the tensor.
+      axis: the axis of length ``d``.
+      blocking: smaller matrices are applied whole.
+
+    >>> import jax.numpy as jnp
+    >>> m = jnp.triu(jnp.ones((4, 4)))
+    >>> along_upper(m, jnp.arange(8.0).reshape(4, 2), 0, blocking=2)
+    Array([[12., 16.],
+           [12., 15.],
+           [10., 12.],
+           [ 6.,  7.]], dtype=float32)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    d = m.shape[0]
+    if d < blocking:
+        return along(m, x, axis)
+    h = d // 2
+    x1, x2 = jax.lax.slice_in_dim(x, 0, h, axis=axis), jax.lax.slice_in_dim(x, h, d, axis=axis)
+    top = along(m[:h, :h], x1, axis) + along(m[:h, h:], x2, axis)
+    return jnp.concatenate([top, along(m[h:, h:], x2, axis)], axis)
+
+
+def apply_all(mats, x, upper=False):
     """Apply one matrix or vector per axis: ``Q·X`` from the factors, ``P·X`` from
     :func:`preconditioner`.
 
     Args:
       mats: one matrix or vector per axis of ``x``.
       x: the tensor.
+      upper: the matrices are upper triangular (:func:`along_upper`).
 
     >>> import jax.numpy as jnp
     >>> apply_all([jnp.array([2.0]), jnp.array([3.0, 1.0])], jnp.ones((1, 2)))
     Array([[6., 2.]], dtype=float32)
     """
     for axis, m in enumerate(mats):
-        x = along(m, x, axis)
+        x = (along_upper if upper and m.ndim == 2 else along)(m, x, axis)
     return x
 
 
-def preconditioner(qs) -> list:
+def preconditioner(qs, upper=False) -> list:
     """Per axis, ``P_i = Q_iᵀQ_i`` (dense) or ``q_i²`` (diagonal).
+
+    With ``upper`` (upper-triangular dense factors) the blocks
+    ``Q₁₁ᵀQ₁₁, Q₁₁ᵀQ₁₂, Q₁₂ᵀQ₁₂ + Q₂₂ᵀQ₂₂`` are four of the eight block products.
 
     Args:
       qs: the factors of a leaf.
+      upper: the dense factors are upper triangular.
 
     >>> import jax.numpy as jnp
     >>> preconditioner([jnp.array([[1.0, 1.0], [0.0, 1.0]])])[0]
     Array([[1., 1.],
            [1., 2.]], dtype=float32)
     """
-    return [q.T @ q if q.ndim == 2 else q * q for q in qs]
+    return [(_upper_gram if upper else lambda q: q.T @ q)(q) if q.ndim == 2 else q * q for q in qs]
+
+
+def _upper_gram(q):
+    import jax.numpy as jnp
+
+    d = q.shape[0]
+    if d < UPPER_BLOCKING:
+        return q.T @ q
+    h = d // 2
+    q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]
+    p12 = q11.T @ q12
+    return jnp.block([[q11.T @ q11, p12], [p12.T, q12.T @ q12 + q22.T @ q22]])
 
 
 def inverse_probe(qs, v):
@@ -290,7 +344,8 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
 
     spec = cfg.spec
     tiny = jnp.finfo(jnp.float32).tiny
-    x = apply_all(qs if spec.statistic == "Qh" else preconditioner(qs), h)
+    upper = spec.inverse_probe  # the protocol: inverse-probe modes keep dense factors upper triangular
+    x = apply_all(qs, h, upper) if spec.statistic == "Qh" else apply_all(preconditioner(qs, upper), h)
     b = inverse_probe(qs, v) if spec.inverse_probe else None
     mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
     new_qs, new_ls = [], []

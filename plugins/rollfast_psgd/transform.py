@@ -225,7 +225,7 @@ def scale_by_kron(
     def precondition(qs, moms, leaf_plans):
         from rollfast_psgd.factors import apply_all, preconditioner
 
-        apply = lambda fs, m: apply_all(preconditioner(fs), m)
+        apply = lambda fs, m: apply_all(preconditioner(fs, spec.inverse_probe), m)
         return [per_layer(apply, scanned)(fs, view(m, scanned)).reshape(m.shape)
                 for fs, m, (scanned, _) in zip(qs, moms, leaf_plans)]
 

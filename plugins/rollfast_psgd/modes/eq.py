@@ -35,4 +35,6 @@ def eq_dense(q, terms):
     """
     import jax.numpy as jnp
 
-    return q - terms.eta * jnp.triu(terms.t1 - terms.t2) @ q
+    from rollfast_psgd.factors import along_upper
+
+    return q - terms.eta * along_upper(jnp.triu(terms.t1 - terms.t2), q, 0)
