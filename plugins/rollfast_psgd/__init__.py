@@ -19,7 +19,8 @@ Per leaf it forms, once and from the old factors, the statistic ``X = P·h``
 * ``t1 = G_i(X)`` — the ``d×d`` Gram ``X_(i) X_(i)ᵀ`` of a dense factor, the vector
   of squared row norms of a diagonal one — plus ``δ``; and ``t2 = n/d_i`` (scalar);
 * with ``inverse_probe=True`` (EQ) instead ``t1 = G_i(X)`` and ``t2 = G_i(B)``,
-  ``B = Q^{-T}·v`` by triangular solves, so dense factors must stay upper triangular;
+  ``B = Q^{-T}·v`` by triangular solves, so dense factors must stay upper triangular
+  (the family relies on it: large ones skip their zero block in ``Q·h`` and ``QᵀQ``);
 * ``bound``: ℓ = ``nlb_spd(t1) + t2`` (``nlb_spd(t1 + t2)`` for a matrix ``t2``), or
   ``max(t1 + t2)`` for a diagonal factor; ``eta`` = η₀ / L with
   ``L = max(β L + (1-β) ℓ, ℓ)`` (or η₀ / ℓ without ``track_lipschitz``);
