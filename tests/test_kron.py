@@ -429,3 +429,30 @@ def test_triangular_blocking_changes_no_numbers(monkeypatch):
     assert np.array_equal(np.triu(factor), factor) and np.any(np.triu(factor, 1) != 0)
     for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_leaves_of_equal_shape_run_stacked_with_their_own_numbers():
+    """Un-scanned leaves of one shape run as one stacked unit (one copy of the code); each
+    keeps its own factors and its own RMS clip (gradients 1×, 10×, 100×, clip active), as
+    if it were alone, up to the probe noise."""
+    from rollfast_psgd.factors import Packing
+
+    plans = [(False, (True, True))] * 3 + [(False, (True, False))]
+    assert Packing.of(plans, [(4, 3)] * 3 + [(4, 3)]).groups == ((0, 1, 2),)
+    rng = np.random.default_rng(0)
+    params = {k: jnp.zeros((4, 3)) for k in "abc"}
+    opts = dict(learning_rate=0.1, preconditioner_init_scale=1.0, preconditioner_update_probability=1.0,
+                grad_clip_max_amps=(0.05, 0.2))
+    joint = rollfast.get("kron", **opts)
+    state = joint.init(params)
+    alone = {k: rollfast.get("kron", **opts) for k in params}
+    states = {k: alone[k].init({k: p}) for k, p in params.items()}
+    for t in range(4):
+        grads = {k: jnp.asarray(rng.standard_normal((4, 3)) * 10.0**i, jnp.float32)
+                 for i, k in enumerate(params)}
+        u, state = jax.jit(joint.update)(grads, state, params)
+        for k in params:
+            uk, states[k] = jax.jit(alone[k].update)({k: grads[k]}, states[k], {k: params[k]})
+            np.testing.assert_allclose(u[k], uk[k], rtol=2e-3, atol=1e-6)
+    qs = jax.tree.leaves(state)
+    assert sum(q.shape == (4,) for q in qs) == 3 and sum(q.shape == (3, 3) for q in qs) == 3

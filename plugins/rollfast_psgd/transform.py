@@ -277,27 +277,30 @@ def scale_by_kron(
             moms = [jnp.where(skip, m, (1 - beta) * g + beta * m)
                     for g, m in zip(grads, (m.astype(f32) for m in treedef.flatten_up_to(state.mu)))]
             mu = treedef.unflatten(write(moms, mu_store, k_sr))
-        # From here on small leaves run packed as one unit (see Packing).
-        pk = Packing.of(leaf_plans, [g.shape for g in grads], enabled=spec.update_diag is None)
-        unit_plans = [leaf_plans[i] for i in pk.others] + [(False, (False,))] * bool(pk.small)
-        segments = pk.segments
-        unit_qs, unit_ls = pk.pack(qs), (None if ls is None else pk.pack(ls))
+        # Units (see Packing): small leaves packed; to fit, leaves of equal shape stacked.
+        shapes = [g.shape for g in grads]
+        pk = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None, stack=False)
+        fit = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None)
         if preconditioner_init_scale is None:
-            unit_qs = lazy_scale(unit_qs, pk.pack(grads), unit_plans, state.needs_scale_init & ~skip, segments)
+            qs = pk.unpack(lazy_scale(pk.pack(qs), pk.pack(grads), pk.plans(leaf_plans),
+                                      state.needs_scale_init & ~skip, pk.segments), qs)
 
         do_update = (jax.random.uniform(k_dec) < prob) & ~skip
-        signal = pk.pack(grads if whiten_grad else moms)
-        draw, balance = noise_for(signal, unit_plans, k_upd)
+        signal = grads if whiten_grad else moms
+        draw, balance = noise_for(jax.eval_shape(fit.pack, signal), fit.plans(leaf_plans), k_upd)
+
+        def fit_factors(qs, ls):  # per leaf in and out; packed and stacked inside the branch
+            new_qs, new_ls = update_preconditioner(
+                fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal),
+                fit.plans(leaf_plans), fit.segments, draw, balance)
+            return fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls)
+
         with jax.default_matmul_precision(precond_update_precision):
-            new_qs, new_ls = jax.lax.cond(
-                do_update, lambda q, l: update_preconditioner(q, l, signal, unit_plans, segments, draw, balance),
-                lambda q, l: (q, l), unit_qs, unit_ls)
+            new_qs, new_ls = jax.lax.cond(do_update, fit_factors, lambda q, l: (q, l), qs, ls)
         with jax.default_matmul_precision(precond_grads_precision):
-            us = clip(precondition(new_qs if update_preconditioner_first else unit_qs, pk.pack(moms),
-                                   unit_plans), segments)
+            us = clip(precondition(pk.pack(new_qs if update_preconditioner_first else qs), pk.pack(moms),
+                                   pk.plans(leaf_plans)), pk.segments)
         us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(pk.unpack(us, leaves), leaves)]
-        new_qs = pk.unpack(new_qs, qs)
-        new_ls = None if ls is None else pk.unpack(new_ls, ls)
 
         flat_qs = [q for fs in new_qs for q in fs]
         stored = iter(write(flat_qs, q_store, k_srq))
