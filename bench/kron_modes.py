@@ -28,8 +28,8 @@ def main(modes: list[str]) -> None:
     peak = matmul_peak_gflops()
     # One-time costs of the process (imports, the first trace of the family's code, the
     # LAPACK kernels' registration) are not any mode's compile time: pay them here.
+    tiny = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     for mode in modes:
-        tiny = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
         compile_step("warm-up", rollfast.get("kron", learning_rate=1e-3, mode=mode), tiny,
                      loss=lambda p: sum(jnp.sum(x**2) for x in p.values()))
     cases = [compile_step("optax.adamw", optax.adamw(1e-3))]

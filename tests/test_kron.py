@@ -415,7 +415,6 @@ def test_triangular_blocking_changes_no_numbers(monkeypatch):
 
     def run(blocking):
         monkeypatch.setattr(factors, "UPPER_BLOCKING", blocking)
-        monkeypatch.setattr(factors.along_upper, "__defaults__", (blocking,))
         opt = rollfast.get("kron", learning_rate=0.1, mode="EQ", preconditioner_update_probability=1.0)
         state, out = opt.init(params), []
         with jax.default_matmul_precision("highest"):

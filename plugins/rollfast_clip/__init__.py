@@ -136,7 +136,7 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
         return ClipState(inner.init(params), jnp.zeros([], jnp.int32))
 
     def update(grads, state, params=None, **extra):
-        factor = jnp.float32(1.0)
+        factor = None
         if raw_global_grad_clip is None:
             ok = all_finite(grads, axis_name)
         else:
@@ -148,7 +148,8 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
                 ok = ok & ~spike
 
         def step(grads, inner_state):  # the spike's rescaling fuses into the family's first pass
-            grads = jax.tree.map(lambda g: g * factor.astype(g.dtype) if is_float(g) else g, grads)
+            if factor is not None:
+                grads = jax.tree.map(lambda g: g * factor.astype(g.dtype) if is_float(g) else g, grads)
             return inner.update(grads, inner_state, params, **extra)
 
         updates, inner_state = run_unless_skipped(ok, step, grads, state.inner_state)

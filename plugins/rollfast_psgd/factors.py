@@ -139,7 +139,7 @@ def along(m, x, axis):
     return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
 
 
-def along_upper(m, x, axis, blocking=UPPER_BLOCKING):
+def along_upper(m, x, axis, blocking=None):
     r""":func:`along` for an upper-triangular ``m``, skipping its zero block.
 
     .. math::
@@ -153,7 +153,7 @@ def along_upper(m, x, axis, blocking=UPPER_BLOCKING):
       m: an upper-triangular ``(d, d)`` matrix.
       x: the tensor.
       axis: the axis of length ``d``.
-      blocking: smaller matrices are applied whole.
+      blocking: smaller matrices are applied whole (default ``UPPER_BLOCKING``).
 
     >>> import jax.numpy as jnp
     >>> m = jnp.triu(jnp.ones((4, 4)))
@@ -167,7 +167,7 @@ def along_upper(m, x, axis, blocking=UPPER_BLOCKING):
     import jax.numpy as jnp
 
     d = m.shape[0]
-    if d < blocking:
+    if d < (UPPER_BLOCKING if blocking is None else blocking):
         return along(m, x, axis)
     h = d // 2
     x1, x2 = jax.lax.slice_in_dim(x, 0, h, axis=axis), jax.lax.slice_in_dim(x, h, d, axis=axis)
@@ -208,14 +208,14 @@ def preconditioner(qs, upper=False) -> list:
     Array([[1., 1.],
            [1., 2.]], dtype=float32)
     """
-    return [(_upper_gram if upper else lambda q: q.T @ q)(q) if q.ndim == 2 else q * q for q in qs]
+    return [_gram(q, upper) if q.ndim == 2 else q * q for q in qs]
 
 
-def _upper_gram(q):
+def _gram(q, upper):
     import jax.numpy as jnp
 
     d = q.shape[0]
-    if d < UPPER_BLOCKING:
+    if not upper or d < UPPER_BLOCKING:
         return q.T @ q
     h = d // 2
     q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]

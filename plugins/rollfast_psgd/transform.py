@@ -184,10 +184,11 @@ def scale_by_kron(
                          treedef.unflatten(ls) if track_lipschitz else None,
                          jnp.asarray(preconditioner_init_scale is None), k)
 
-    def lazy_scale(qs, grads, leaf_plans, flag, segments):
+    def lazy_scale(qs, units, unit_plans, flag, segments):
+        """Scale every leaf's factors by the estimate from the gradient ``units`` (see Packing)."""
         mean4 = lambda g, seg: jnp.mean(g**4) if seg is None else jnp.max(seg.mean(g**4))
         mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned
-               else mean4(g, seg) for g, (scanned, _), seg in zip(grads, leaf_plans, segments)
+               else mean4(g, seg) for g, (scanned, _), seg in zip(units, unit_plans, segments)
                if g.size]
         s = (jnp.max(jnp.stack(mu4 or [jnp.float32(0)])) + damping**4) ** (-1 / 8)
         s = reduce(jax.lax.pmean, s)
@@ -282,8 +283,8 @@ def scale_by_kron(
         pk = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None, stack=False)
         fit = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None)
         if preconditioner_init_scale is None:
-            qs = pk.unpack(lazy_scale(pk.pack(qs), pk.pack(grads), pk.plans(leaf_plans),
-                                      state.needs_scale_init & ~skip, pk.segments), qs)
+            qs = lazy_scale(qs, pk.pack(grads), pk.plans(leaf_plans), state.needs_scale_init & ~skip,
+                            pk.segments)
 
         do_update = (jax.random.uniform(k_dec) < prob) & ~skip
         signal = grads if whiten_grad else moms
