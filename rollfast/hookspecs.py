@@ -79,7 +79,8 @@ def precondition(register):
     family (``rollfast_psgd``) asks for ``update_dense(q, terms) -> q`` — how one
     dense factor moves given the terms the family computed
     (``rollfast_psgd.factors.FactorTerms``: Gram ``t1``, ``t2 = n/d``, step
-    ``eta``, bound, random probe) — and optionally ``update_diag(q, terms) -> q``,
+    ``eta``, bound, random probe), returning ``(q, qᵀq)`` instead when the geometry
+    has formed ``qᵀq`` anyway — and optionally ``update_diag(q, terms) -> q``,
     ``statistic`` (``"Ph"`` or ``"Qh"``) and ``inverse_probe`` (bool); the prism
     family asks for ``shape(T, D, **options)``.
 

@@ -352,12 +352,12 @@ def test_packed_factor_update_equals_the_leaves_one_by_one(mode):
     ls = [[jnp.asarray(rng.random(), jnp.float32)] for _ in shapes]
     hs = [jnp.asarray(rng.standard_normal(s) * 3, jnp.float32) for s in shapes]
     vs = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
-    (q,), (l,) = update_factors(pk.pack(qs)[0], pk.pack(ls)[0], pk.pack(hs)[0], pk.pack(vs)[0],
-                                [None], False, cfg, pk.segments[0])
+    (q,), (l,), _ = update_factors(pk.pack(qs)[0], pk.pack(ls)[0], pk.pack(hs)[0], pk.pack(vs)[0],
+                                   [None], False, cfg, pk.segments[0])
     packed_qs, packed_ls = pk.unpack([[q]], qs), pk.unpack([[l]], ls)
     for i, s in enumerate(shapes):
-        (q1,), (l1,) = update_factors(qs[i], ls[i], hs[i].reshape(s or (1,)), vs[i].reshape(s or (1,)),
-                                      [None], False, cfg)
+        (q1,), (l1,), _ = update_factors(qs[i], ls[i], hs[i].reshape(s or (1,)), vs[i].reshape(s or (1,)),
+                                         [None], False, cfg)
         np.testing.assert_allclose(packed_qs[i][0], q1, rtol=1e-6)
         np.testing.assert_allclose(packed_ls[i][0], l1, rtol=1e-6)
 
@@ -402,20 +402,21 @@ def test_empty_leaves_change_nothing():
             np.testing.assert_allclose(u2[k], u1[k], rtol=1e-4)
 
 
-def test_triangular_blocking_changes_no_numbers(monkeypatch):
-    """EQ's upper-triangular factors skip their zero block in Q·h, QᵀQ and triu(E)·Q once
-    they have ``UPPER_BLOCKING`` rows; forced on small factors (odd sizes, every axis
-    position), the steps equal those of whole products."""
+@pytest.mark.parametrize("mode", ["EQ", "NS"])
+def test_blocked_products_change_no_numbers(monkeypatch, mode):
+    """From ``BLOCKING`` rows on, Grams form only their upper blocks and EQ's triangular
+    factors skip their zero blocks (in Q·h, QᵀQ and triu(E)·Q); forced on small factors
+    (odd sizes, every axis position), the steps equal those of whole products."""
     import rollfast_psgd.factors as factors
 
     rng = np.random.default_rng(0)
-    params = {"w": jnp.ones((7, 5)), "t": jnp.ones((3, 6, 4)), "b": jnp.ones(5)}
+    params = {"w": jnp.ones((13, 9)), "t": jnp.ones((3, 12, 8)), "b": jnp.ones(5)}
     grads = [{k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
              for _ in range(4)]
 
     def run(blocking):
-        monkeypatch.setattr(factors, "UPPER_BLOCKING", blocking)
-        opt = rollfast.get("kron", learning_rate=0.1, mode="EQ", preconditioner_update_probability=1.0)
+        monkeypatch.setattr(factors, "BLOCKING", blocking)
+        opt = rollfast.get("kron", learning_rate=0.1, mode=mode, preconditioner_update_probability=1.0)
         state, out = opt.init(params), []
         with jax.default_matmul_precision("highest"):
             for g in grads:
@@ -423,9 +424,11 @@ def test_triangular_blocking_changes_no_numbers(monkeypatch):
                 out.append(u)
         return out, state
 
-    blocked, whole = run(2), run(1 << 30)
-    factor = next(x for x in jax.tree.leaves(blocked[1]) if x.shape == (6, 6))
-    assert np.array_equal(np.triu(factor), factor) and np.any(np.triu(factor, 1) != 0)
+    assert len(factors._edges(1023)) == 2 and len(factors._edges(1024)) == 5  # 1 and 4 blocks
+    blocked, whole = run(8), run(1 << 30)  # blocks of 2-3 rows; 3 and 5 whole
+    factor = next(x for x in jax.tree.leaves(blocked[1]) if x.shape == (12, 12))
+    if mode == "EQ":
+        assert np.array_equal(np.triu(factor), factor) and np.any(np.triu(factor, 1) != 0)
     for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

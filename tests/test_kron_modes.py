@@ -174,13 +174,16 @@ def test_factor_update_matches_float64_reference(name, shape):
         jq = [jnp.asarray(q, jnp.float32) for q in qs]
         jl = [jnp.zeros([], jnp.float32) for _ in qs]
         for _ in range(10):
-            jq, jl = step(jq, jl)
+            jq, jl, jp = step(jq, jl)
             qs, ls = reference_update(name, qs, ls, h, v, [None if p is None else p.astype(np.float64)
                                                             for p in probes])
     for got, want in zip(jq, qs):
         err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
         assert err < 1e-5, f"{name}: relative error {err:.2e} after 10 updates"
     np.testing.assert_allclose(np.asarray(jl), ls, rtol=1e-5)
+    for got, q in zip(jp, qs):  # the P applied is QᵀQ of the factor stored (if the mode returned it too)
+        want = q.T @ q if q.ndim == 2 else q * q
+        assert np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)) < 1e-5
 
 
 @pytest.mark.parametrize("name", MODES)
@@ -193,7 +196,7 @@ def test_factor_shape_invariants(name):
     step = jax.jit(lambda q, l, h, v: update_factors(q, l, h, v, probes, False, cfg))
     for _ in range(5):
         h = jnp.asarray(rng.standard_normal((5, 9)) * 3, jnp.float32)
-        qs, ls = step(qs, ls, h, jnp.asarray(rng.standard_normal((5, 9)), jnp.float32))
+        qs, ls, _ = step(qs, ls, h, jnp.asarray(rng.standard_normal((5, 9)), jnp.float32))
     dense, diag = np.asarray(qs[0]), np.asarray(qs[1])
     assert np.all(np.isfinite(dense)) and np.all(diag > 0)
     if name == "EQ":
@@ -210,7 +213,7 @@ def test_zero_preconditioner_lr_keeps_factors(name):
     qs = [jnp.asarray(q, jnp.float32), jnp.full(3, 0.7)]
     h = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
     probes = [jax.random.normal(jax.random.PRNGKey(1), (2, 32, 4)), None]
-    new, _ = update_factors(qs, [jnp.zeros([])] * 2, h, h, probes, False, config(name, lr=0.0))
+    new, _, _ = update_factors(qs, [jnp.zeros([])] * 2, h, h, probes, False, config(name, lr=0.0))
     for a, b in zip(new, qs):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -233,7 +236,7 @@ def test_whitening_fixed_point(name):
         kh, kv, kp = jax.random.split(k, 3)
         h = root @ jax.random.normal(kh, (d, 1))
         probes = [jax.random.normal(kp, (2, 32, d)), None]
-        return update_factors(qs, ls, h, jax.random.normal(kv, (d, 1)), probes, False, cfg), None
+        return update_factors(qs, ls, h, jax.random.normal(kv, (d, 1)), probes, False, cfg)[:2], None
 
     start = ([jnp.eye(d), jnp.ones(1)], [jnp.zeros([]), jnp.zeros([])])
     (qs, _), _ = jax.lax.scan(body, start, jax.random.split(jax.random.PRNGKey(0), 4000))

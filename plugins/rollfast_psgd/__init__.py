@@ -28,7 +28,9 @@ Per leaf it forms, once and from the old factors, the statistic ``X = P·h``
   bounds; ``newton_schulz_iters``: the family option.
 
 The mode returns the moved factor: ``update_dense(q, terms) -> q`` for a float32
-``(d, d)`` factor, and optionally ``update_diag(q, terms) -> q`` for a ``(d,)``
+``(d, d)`` factor, or ``(q, p)`` with ``p = qᵀq`` (to float32 accuracy) when its
+geometry has formed that product anyway — NS's projection does — and the family then
+skips forming ``P`` for that factor; and optionally ``update_diag(q, terms) -> q`` for a ``(d,)``
 factor (default: ``|q ⊙ (1 − η (t1 − t2))|``, Li's diagonal rule; with the default
 rule the family packs all vectors and scalars into one diagonal factor whose
 ``terms.eta`` is then a vector, see :class:`~rollfast_psgd.factors.Packing`, and a mode

@@ -13,7 +13,8 @@ from typing import Callable, NamedTuple
 STATISTICS = ("Ph", "Qh")
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 MAX_NDIM = 13
-UPPER_BLOCKING = 1024  # triangular factors at least this large skip their zero block
+BLOCKING = 1024  # dense products of at least this many rows run in blocks (see _edges)
+MAX_BLOCKS = 8
 
 
 class FactorTerms(NamedTuple):
@@ -139,40 +140,46 @@ def along(m, x, axis):
     return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
 
 
-def along_upper(m, x, axis, blocking=None):
-    r""":func:`along` for an upper-triangular ``m``, skipping its zero block.
+def along_upper(m, x, axis):
+    r""":func:`along` for an upper-triangular ``m``, skipping its zero blocks.
 
     .. math::
-        \begin{pmatrix}M_{11} & M_{12}\\ 0 & M_{22}\end{pmatrix}
-        \begin{pmatrix}X_1\\ X_2\end{pmatrix} =
-        \begin{pmatrix}M_{11}X_1 + M_{12}X_2\\ M_{22}X_2\end{pmatrix}
+        (MX)_i = \sum_{k \ge i} M_{ik} X_k
 
-    three of the four block products (matrices of at least ``blocking`` rows).
+    over the row blocks of :func:`_edges`: with :math:`b` blocks,
+    :math:`(b+1)/2b` of the whole product.
 
     Args:
       m: an upper-triangular ``(d, d)`` matrix.
       x: the tensor.
       axis: the axis of length ``d``.
-      blocking: smaller matrices are applied whole (default ``UPPER_BLOCKING``).
 
     >>> import jax.numpy as jnp
-    >>> m = jnp.triu(jnp.ones((4, 4)))
-    >>> along_upper(m, jnp.arange(8.0).reshape(4, 2), 0, blocking=2)
-    Array([[12., 16.],
-           [12., 15.],
-           [10., 12.],
-           [ 6.,  7.]], dtype=float32)
+    >>> m = jnp.triu(jnp.ones((2, 2)))
+    >>> along_upper(m, jnp.arange(4.0).reshape(2, 2), 0)
+    Array([[2., 4.],
+           [2., 3.]], dtype=float32)
     """
     import jax
     import jax.numpy as jnp
 
-    d = m.shape[0]
-    if d < (UPPER_BLOCKING if blocking is None else blocking):
+    edges = _edges(m.shape[0])
+    if len(edges) == 2:
         return along(m, x, axis)
-    h = d // 2
-    x1, x2 = jax.lax.slice_in_dim(x, 0, h, axis=axis), jax.lax.slice_in_dim(x, h, d, axis=axis)
-    top = along(m[:h, :h], x1, axis) + along(m[:h, h:], x2, axis)
-    return jnp.concatenate([top, along(m[h:, h:], x2, axis)], axis)
+    blocks = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in zip(edges, edges[1:])]
+    rows = []
+    for i, (a, b) in enumerate(zip(edges, edges[1:])):
+        rows.append(sum(along(m[a:b, c:e], blocks[k], axis)
+                        for k, (c, e) in enumerate(zip(edges, edges[1:])) if k >= i))
+    return jnp.concatenate(rows, axis)
+
+
+def _edges(d) -> list:
+    """Block boundaries of a dimension: whole below ``BLOCKING``, else blocks of about
+    ``BLOCKING/4`` rows (at most ``MAX_BLOCKS``). Grams of blocks this large still run
+    at the matmul's full speed."""
+    blocks = 1 if d < BLOCKING else min(MAX_BLOCKS, d, max(1, 4 * d // BLOCKING))
+    return [d * i // blocks for i in range(blocks + 1)]
 
 
 def apply_all(mats, x, upper=False):
@@ -194,33 +201,19 @@ def apply_all(mats, x, upper=False):
 
 
 def preconditioner(qs, upper=False) -> list:
-    """Per axis, ``P_i = Q_iᵀQ_i`` (dense) or ``q_i²`` (diagonal).
-
-    With ``upper`` (upper-triangular dense factors) the blocks
-    ``Q₁₁ᵀQ₁₁, Q₁₁ᵀQ₁₂, Q₁₂ᵀQ₁₂ + Q₂₂ᵀQ₂₂`` are four of the eight block products.
+    """Per axis, ``P_i = Q_iᵀQ_i`` (dense, :func:`gram` along the columns) or ``q_i²``
+    (diagonal).
 
     Args:
       qs: the factors of a leaf.
-      upper: the dense factors are upper triangular.
+      upper: the dense factors are upper triangular (their zero blocks are skipped).
 
     >>> import jax.numpy as jnp
     >>> preconditioner([jnp.array([[1.0, 1.0], [0.0, 1.0]])])[0]
     Array([[1., 1.],
            [1., 2.]], dtype=float32)
     """
-    return [_gram(q, upper) if q.ndim == 2 else q * q for q in qs]
-
-
-def _gram(q, upper):
-    import jax.numpy as jnp
-
-    d = q.shape[0]
-    if not upper or d < UPPER_BLOCKING:
-        return q.T @ q
-    h = d // 2
-    q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]
-    p12 = q11.T @ q12
-    return jnp.block([[q11.T @ q11, p12], [p12.T, q12.T @ q12 + q22.T @ q22]])
+    return [gram(q, 1, True, upper) if q.ndim == 2 else q * q for q in qs]
 
 
 def inverse_probe(qs, v):
@@ -252,24 +245,44 @@ def inverse_probe(qs, v):
     return v
 
 
-def gram(z, axis, dense):
-    """``G_i(Z)``: ``Z_(i) Z_(i)ᵀ`` (dense) or the squared norms of the rows of ``Z_(i)``.
+def gram(z, axis, dense, upper=False):
+    r"""``G_i(Z)``: ``Z_(i) Z_(i)ᵀ`` (dense) or the squared norms of the rows of ``Z_(i)``.
+
+    A dense Gram is symmetric: along a long axis (:func:`_edges`) only its upper blocks
+    :math:`G_{ij} = Z_i Z_j^T,\ i \le j` are formed, :math:`(b+1)/2b` of the product.
+    With ``upper``, ``z`` is an upper-triangular matrix and ``axis`` is 1
+    (:math:`G = Z^TZ`): block :math:`ij` then contracts only the rows above
+    block :math:`i`'s end.
 
     Args:
       z: the tensor.
       axis: the factor's axis.
       dense: whether the factor is dense.
+      upper: ``z`` is upper triangular (``axis`` 1).
 
     >>> import jax.numpy as jnp
     >>> gram(jnp.array([[1.0, 2.0], [0.0, 3.0]]), 0, False)
     Array([5., 9.], dtype=float32)
     """
+    import jax
     import jax.numpy as jnp
 
     others = tuple(i for i in range(z.ndim) if i != axis)
     if not dense:
         return jnp.sum(z * z, axis=others)
-    return jnp.tensordot(z, z, axes=(others, others))
+    edges = _edges(z.shape[axis])
+    if len(edges) == 2:
+        return jnp.tensordot(z, z, axes=(others, others))
+    cuts = [jax.lax.slice_in_dim(z, a, b, axis=axis) for a, b in zip(edges, edges[1:])]
+    blocks = {}
+    for i, end in enumerate(edges[1:]):
+        for j in range(i, len(cuts)):
+            zi, zj = cuts[i], cuts[j]
+            if upper:
+                zi, zj = zi[:end], zj[:end]
+            blocks[i, j] = jnp.tensordot(zi, zj, axes=(others, others))
+    n = len(cuts)
+    return jnp.block([[blocks[i, j] if i <= j else blocks[j, i].T for j in range(n)] for i in range(n)])
 
 
 def diag_step(q, terms):
@@ -311,7 +324,8 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
     diagonal factor (max over ``axis_name``); :math:`L \leftarrow \max(\beta L +
     (1-\beta)\ell, \ell)`, :math:`\eta = \eta_0/L` (or :math:`\eta_0/\ell`). Then the mode
     moves the factor; with ``balance`` every factor is rescaled to the geometric mean of
-    the max-abs entries (the Kronecker product is unchanged).
+    the max-abs entries (the Kronecker product is unchanged). Last, each factor's
+    :math:`Q^TQ` for applying :math:`P`, unless the mode returned it.
 
     Args:
       qs: the factors (float32).
@@ -327,15 +341,16 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
         are then per segment, exactly as for the leaves one by one.
 
     Returns:
-      ``(new_qs, new_ls)``.
+      ``(new_qs, new_ls, new_ps)``: the factors, their Lipschitz estimates, and their
+      :func:`preconditioner` (the one a mode returned with its factor, if it did).
 
     >>> import jax, jax.numpy as jnp
     >>> from rollfast_psgd.factors import UpdateConfig, mode_spec
     >>> cfg = UpdateConfig(mode_spec({"update_dense": lambda q, t: q}), 0.1, 0.9, True, 1e-9, 5)
-    >>> qs, ls = update_factors([jnp.ones(2)], [jnp.zeros([])], jnp.zeros(2), jnp.ones(2),
-    ...                         [None], False, cfg)
-    >>> qs[0]
-    Array([1.1, 1.1], dtype=float32)
+    >>> qs, ls, ps = update_factors([jnp.ones(2)], [jnp.zeros([])], jnp.zeros(2), jnp.ones(2),
+    ...                             [None], False, cfg)
+    >>> qs[0], ps[0]
+    (Array([1.1, 1.1], dtype=float32), Array([1.21, 1.21], dtype=float32))
     """
     import jax
     import jax.numpy as jnp
@@ -348,7 +363,7 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
     x = apply_all(qs, h, upper) if spec.statistic == "Qh" else apply_all(preconditioner(qs, upper), h)
     b = inverse_probe(qs, v) if spec.inverse_probe else None
     mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
-    new_qs, new_ls = [], []
+    new_qs, new_ls, new_ps = [], [], []
     for i, (q, probe) in enumerate(zip(qs, probes)):
         dense = q.ndim == 2
         p_bound, p_geom = probe if dense else (None, None)
@@ -375,15 +390,23 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
             eta = segments.spread(eta)
         terms = FactorTerms(t1, t2, eta, bound, p_geom, cfg.newton_schulz_iters)
         move = spec.update_dense if dense else (spec.update_diag or diag_step)
-        new_qs.append(move(q, terms).astype(jnp.float32))
+        moved = move(q, terms)
+        new_q, new_p = moved if isinstance(moved, tuple) else (moved, None)
+        new_qs.append(new_q.astype(jnp.float32))
+        new_ps.append(new_p)
     if len(new_qs) > 1:
-        new_qs = balanced(new_qs, balance, cfg.axis_name)
-    return new_qs, (new_ls if cfg.track_lipschitz else ls)
+        scales = balancing(new_qs, balance, cfg.axis_name)
+        new_qs = [q * s for q, s in zip(new_qs, scales)]
+        new_ps = [None if p is None else p * s**2 for p, s in zip(new_ps, scales)]
+    new_ps = [preconditioner([q], upper)[0] if p is None else p.astype(jnp.float32)
+              for q, p in zip(new_qs, new_ps)]
+    return new_qs, (new_ls if cfg.track_lipschitz else ls), new_ps
 
 
-def balanced(qs, when, axis_name=None):
-    r"""Rescale factors to a common max-abs entry :math:`\bar\nu = (\prod_i \nu_i)^{1/k}`,
-    :math:`\nu_i = \max|Q_i|`, where ``when`` is true (the Kronecker product is unchanged).
+def balancing(qs, when, axis_name=None) -> list:
+    r"""Per factor, the scale that brings it to the common max-abs entry
+    :math:`\bar\nu = (\prod_i \nu_i)^{1/k}`, :math:`\nu_i = \max|Q_i|`, where ``when``
+    is true (else 1). The scales multiply to 1: the Kronecker product is unchanged.
 
     Args:
       qs: the factors of a leaf.
@@ -391,8 +414,8 @@ def balanced(qs, when, axis_name=None):
       axis_name: reduce the max over this axis, if given.
 
     >>> import jax.numpy as jnp
-    >>> balanced([jnp.array([4.0]), jnp.array([1.0])], True)
-    [Array([2.], dtype=float32), Array([2.], dtype=float32)]
+    >>> balancing([jnp.array([4.0]), jnp.array([1.0])], True)
+    [Array(0.5, dtype=float32), Array(2., dtype=float32)]
     """
     import jax
     import jax.numpy as jnp
@@ -402,8 +425,7 @@ def balanced(qs, when, axis_name=None):
         nus = jax.lax.pmax(nus, axis_name)
     positive = jnp.all(nus > 0)
     nus = jnp.where(positive, nus, 1.0)
-    scales = jnp.where(when & positive, jnp.exp(jnp.mean(jnp.log(nus))) / nus, 1.0)
-    return [q * s for q, s in zip(qs, scales)]
+    return list(jnp.where(when & positive, jnp.exp(jnp.mean(jnp.log(nus))) / nus, 1.0))
 
 
 class Segments(NamedTuple):

@@ -137,15 +137,21 @@ def ns_spd(q, probe, iters):
       probe: a ``(32, d)`` standard normal matrix for the norm bound.
       iters: the reference's number of iterations; at most ``iters + 40`` run.
 
+    Returns:
+      ``(s, qtq)``: the projection and :math:`Q^TQ`, which is its square (the polar
+      factor cancels) to float32 accuracy.
+
     >>> import jax, jax.numpy as jnp
-    >>> ns_spd(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.ones((32, 2)), 5)
-    Array([[1., 0.],
-           [0., 1.]], dtype=float32)
+    >>> ns_spd(jnp.array([[0.0, 2.0], [2.0, 0.0]]), jnp.ones((32, 2)), 5)[0]
+    Array([[2., 0.],
+           [0., 2.]], dtype=float32)
     """
     import jax
     import jax.numpy as jnp
 
-    qtq = q.T @ q
+    from rollfast_psgd.factors import gram
+
+    qtq = gram(q, 1, True)
     scale = 1 / (jnp.sqrt(nlb_spd(qtq, probe)) + jnp.finfo(jnp.float32).eps)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
 
@@ -155,11 +161,11 @@ def ns_spd(q, probe, iters):
 
     def step(carry):
         x, i, _ = carry
-        gram = x.T @ x
-        return 0.5 * x @ (3 * eye - gram), i + 1, jnp.max(jnp.abs(gram - eye))
+        xtx = gram(x, 1, True)
+        return 0.5 * x @ (3 * eye - xtx), i + 1, jnp.max(jnp.abs(xtx - eye))
 
     x, _, _ = jax.lax.while_loop(running, step, (q * scale, 0, jnp.float32(jnp.inf)))
-    return sym(x.T @ q)
+    return sym(x.T @ q), qtq
 
 
 def left_step(q, terms, fraction=1.0):

@@ -207,28 +207,35 @@ def scale_by_kron(
 
         normals = draw()
         noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
-        new_qs, new_ls = [], []
+        new_qs, new_ls, new_ps = [], [], []
         for i, (x, (scanned, dense), seg) in enumerate(zip(signal, leaf_plans, segments)):
             v = next(noise)
             leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
             if x.size == 0:  # an empty leaf has nothing to fit
                 new_qs.append(qs[i])
                 new_ls.append(None if ls is None else ls[i])
+                new_ps.append(qs[i])
                 continue
             h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
             step = lambda q, l, h, v, p=leaf_probes, seg=seg: update_factors(q, l, h, v, p, balance, cfg, seg)
-            q, l = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
-                                            view(h.astype(f32), scanned), view(v, scanned))
+            q, l, p = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
+                                               view(h.astype(f32), scanned), view(v, scanned))
             new_qs.append(q)
             new_ls.append(l)
-        return new_qs, (None if ls is None else new_ls)
+            new_ps.append(p)
+        return new_qs, (None if ls is None else new_ls), new_ps
 
-    def precondition(qs, moms, leaf_plans):
-        from rollfast_psgd.factors import apply_all, preconditioner
+    def preconditioners(qs, leaf_plans):
+        from rollfast_psgd.factors import preconditioner
 
-        apply = lambda fs, m: apply_all(preconditioner(fs, spec.inverse_probe), m)
-        return [per_layer(apply, scanned)(fs, view(m, scanned)).reshape(m.shape)
-                for fs, m, (scanned, _) in zip(qs, moms, leaf_plans)]
+        return [per_layer(lambda fs: preconditioner(fs, spec.inverse_probe), scanned)(fs)
+                for fs, (scanned, _) in zip(qs, leaf_plans)]
+
+    def precondition(ps, moms, leaf_plans):
+        from rollfast_psgd.factors import apply_all
+
+        return [per_layer(apply_all, scanned)(fs, view(m, scanned)).reshape(m.shape)
+                for fs, m, (scanned, _) in zip(ps, moms, leaf_plans)]
 
     def clip(us, segments):
         if grad_clip_mode == "global_rms":
@@ -291,16 +298,23 @@ def scale_by_kron(
         draw, balance = noise_for(jax.eval_shape(fit.pack, signal), fit.plans(leaf_plans), k_upd)
 
         def fit_factors(qs, ls):  # per leaf in and out; packed and stacked inside the branch
-            new_qs, new_ls = update_preconditioner(
+            new_qs, new_ls, new_ps = update_preconditioner(
                 fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal),
                 fit.plans(leaf_plans), fit.segments, draw, balance)
-            return fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls)
+            return (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls),
+                    fit.unpack(new_ps, qs))
+
+        def keep_factors(qs, ls):
+            return qs, ls, preconditioners(qs, leaf_plans)
 
         with jax.default_matmul_precision(precond_update_precision):
-            new_qs, new_ls = jax.lax.cond(do_update, fit_factors, lambda q, l: (q, l), qs, ls)
+            # Either branch returns P = QᵀQ of the factors it leaves: a mode may have
+            # formed it already, and a step that only applies P needs it once.
+            new_qs, new_ls, ps = jax.lax.cond(do_update, fit_factors, keep_factors, qs, ls)
+            if not update_preconditioner_first:
+                ps = preconditioners(qs, leaf_plans)
         with jax.default_matmul_precision(precond_grads_precision):
-            us = clip(precondition(pk.pack(new_qs if update_preconditioner_first else qs), pk.pack(moms),
-                                   pk.plans(leaf_plans)), pk.segments)
+            us = clip(precondition(pk.pack(ps), pk.pack(moms), pk.plans(leaf_plans)), pk.segments)
         us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(pk.unpack(us, leaves), leaves)]
 
         flat_qs = [q for fs in new_qs for q in fs]

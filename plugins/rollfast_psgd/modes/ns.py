@@ -16,10 +16,10 @@ def ns_dense(q, terms):
 
     .. math::
         Q' = Q - \eta (T_1 - T_2 I) Q,\qquad Q \leftarrow (Q'^T Q')^{1/2}
-        \ \text{(``newton_schulz_iters`` Newton–Schulz steps)}
+        \ \text{(Newton–Schulz, to convergence)}
 
-    The result is exactly symmetric. Newton–Schulz from :math:`Q'/\|Q'\|` converges
-    slowly for ill-conditioned :math:`Q'` (small singular values shrink).
+    The result is exactly symmetric, and its square is :math:`Q'^TQ'`, which the
+    projection forms anyway: it is returned as the new factor's ``P``.
 
     Args:
       q: the ``(d, d)`` factor.
@@ -29,8 +29,9 @@ def ns_dense(q, terms):
     >>> from rollfast_psgd.factors import FactorTerms
     >>> t = FactorTerms(jnp.eye(2) * 3, 1.0, 0.25, 4.0, jnp.ones((32, 2)), 5)
     >>> ns_dense(jnp.eye(2), t)
-    Array([[0.5, 0. ],
-           [0. , 0.5]], dtype=float32)
+    (Array([[0.5, 0. ],
+           [0. , 0.5]], dtype=float32), Array([[0.25, 0.  ],
+           [0.  , 0.25]], dtype=float32))
     """
     from rollfast_psgd.linalg import left_step, ns_spd
 
