@@ -214,7 +214,7 @@ def scale_by_kron(
             if x.size == 0:  # an empty leaf has nothing to fit
                 new_qs.append(qs[i])
                 new_ls.append(None if ls is None else ls[i])
-                new_ps.append(qs[i])
+                new_ps += preconditioners([qs[i]], [(scanned, dense)])
                 continue
             h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
             step = lambda q, l, h, v, p=leaf_probes, seg=seg: update_factors(q, l, h, v, p, balance, cfg, seg)
