@@ -11,6 +11,7 @@ the same run.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -111,11 +112,12 @@ class Compiled:
 
 def compile_step(name: str, opt: optax.GradientTransformation, params=None,
                  loss: Callable = standard_loss, apply: Callable | None = None,
-                 **update_args) -> Compiled:
+                 compiles: int = 2, **update_args) -> Compiled:
     """Jit and compile ``opt``'s step ``(params, state, grads, key) -> (params, state)``.
 
     ``apply(params, updates, key)`` applies the updates (default ``optax.apply_updates``);
-    compile time and XLA's FLOP count are of this step alone.
+    compile time and XLA's FLOP count are of this step alone. The compile time is the
+    better of ``compiles`` compilations (the machine is shared: one can take 25 % longer).
     """
     params = standard_tree() if params is None else params
     apply = apply or (lambda p, u, key: optax.apply_updates(p, u))
@@ -127,10 +129,12 @@ def compile_step(name: str, opt: optax.GradientTransformation, params=None,
     state = opt.init(params)
     grad = jax.jit(jax.value_and_grad(loss))
     grads = grad(params)[1]
-    t = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, state, grads, jax.random.PRNGKey(0)).compile()
-    compile_s = time.perf_counter() - t
+    compile_s = float("inf")
+    for _ in range(compiles):  # trace and compile afresh each time (a new function object)
+        t = time.perf_counter()
+        compiled = jax.jit(functools.partial(step), donate_argnums=(0, 1)).lower(
+            params, state, grads, jax.random.PRNGKey(0)).compile()
+        compile_s = min(compile_s, time.perf_counter() - t)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     gflop = float((cost or {}).get("flops", 0.0)) / 1e9
