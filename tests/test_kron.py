@@ -323,18 +323,36 @@ def test_alternative_options_train():
 def test_probe_noise_is_standard_normal_and_keyed():
     from scipy import stats
 
-    from rollfast_psgd.transform import _normals
+    from rollfast_psgd.transform import _draw_words, _normals
 
+    seeds = lambda seed, n: _draw_words(jax.random.PRNGKey(seed), n)[1]
     for size in (200_000, 2_000):  # own seeds, and slices of the pooled draw
-        a, b, *_ = _normals(jax.random.PRNGKey(0), [(size,), (4, size // 4)] + [(5,)] * 3)()
+        a, b, *_ = _normals(seeds(0, 6), [(size,), (4, size // 4)] + [(5,)] * 3)()
         x = np.concatenate([np.asarray(a), np.asarray(b).ravel()]).astype(np.float64)
         n = x.size
         assert abs(x.mean()) < 4 / np.sqrt(n) and abs(x.var() - 1) < 4 * np.sqrt(2 / n)
         assert stats.kstest(x, "norm").pvalue > 1e-3
         assert abs(np.corrcoef(x[:-1], x[1:])[0, 1]) < 4 / np.sqrt(n)  # neighbours independent
         assert abs(np.corrcoef(x[:size], x[size:])[0, 1]) < 4 / np.sqrt(size)  # arrays too
-        other = np.asarray(_normals(jax.random.PRNGKey(1), [(size,)])()[0])
+        other = np.asarray(_normals(seeds(1, 2), [(size,)])()[0])
         assert abs(np.corrcoef(np.asarray(a), other)[0, 1]) < 4 / np.sqrt(size)  # keys differ
+
+
+def test_one_draw_gives_the_next_key_and_uniform_words():
+    """A step's randomness is one threefry call: a fresh next key (raw or typed, same
+    kind), and words whose high bits are uniform on [0, 1)."""
+    from scipy import stats
+
+    from rollfast_psgd.transform import _draw_words, _unit
+
+    for key in (jax.random.PRNGKey(3), jax.random.key(3)):
+        nxt, words = _draw_words(key, 50_000)
+        assert nxt.dtype == key.dtype and nxt.shape == key.shape and words.shape == (50_000, 2)
+        assert not np.array_equal(jax.random.key_data(nxt), jax.random.key_data(key))
+        again = _draw_words(nxt, 2)[1]
+        assert not np.array_equal(np.asarray(again), np.asarray(words[:2]))
+        u = np.asarray(_unit(words)).ravel()
+        assert u.min() >= 0 and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-3
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -194,13 +194,11 @@ def scale_by_kron(
         s = reduce(jax.lax.pmean, s)
         return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
 
-    def noise_for(signal, leaf_plans, k):
-        """The probe noise of an update (a deferred draw, see ``_normals``) and whether it balances."""
-        k_noise, k_balance = jax.random.split(k)
+    def noise_shapes(signal, leaf_plans):
+        """Shapes of an update's probe noise: per unit its own, then a probe pair per dense factor."""
         dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
                 for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
-        draw = _normals(k_noise, [x.shape for x in signal] + [(2, PROBES, d) for d in dims])
-        return draw, jax.random.uniform(k_balance) < BALANCE_PROBABILITY
+        return [x.shape for x in signal] + [(2, PROBES, d) for d in dims]
 
     def update_preconditioner(qs, ls, signal, leaf_plans, segments, draw, balance):
         from rollfast_psgd.factors import update_factors
@@ -261,8 +259,14 @@ def scale_by_kron(
         grads = [g.astype(f32) for g in leaves]
         qs = [[q.astype(f32) for q in fs] for fs in treedef.flatten_up_to(state.qs)]
         ls = [list(l) for l in treedef.flatten_up_to(state.ls)] if track_lipschitz else None
-        key_step, key_next = jax.random.split(state.key)
-        k_sr, k_srq, k_dec, k_upd = jax.random.split(key_step, 4)
+        # Units (see Packing): small leaves packed; to fit, leaves of equal shape stacked.
+        shapes = [g.shape for g in grads]
+        pk = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None, stack=False)
+        fit = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None)
+        signal_shapes = noise_shapes(jax.eval_shape(fit.pack, grads), fit.plans(leaf_plans))
+        # All of a step's randomness from one threefry call (each costs ~50 ms of compile).
+        key_next, words = _draw_words(state.key, 3 + len(signal_shapes) + 1)
+        k_sr, k_srq, (u_update, u_balance), seeds = words[0], words[1], _unit(words[2]), words[3:]
         finite = all_finite(grads, axis_name)
 
         skip = ~finite
@@ -285,17 +289,13 @@ def scale_by_kron(
             moms = [jnp.where(skip, m, (1 - beta) * g + beta * m)
                     for g, m in zip(grads, (m.astype(f32) for m in treedef.flatten_up_to(state.mu)))]
             mu = treedef.unflatten(write(moms, mu_store, k_sr))
-        # Units (see Packing): small leaves packed; to fit, leaves of equal shape stacked.
-        shapes = [g.shape for g in grads]
-        pk = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None, stack=False)
-        fit = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None)
         if preconditioner_init_scale is None:
             qs = lazy_scale(qs, pk.pack(grads), pk.plans(leaf_plans), state.needs_scale_init & ~skip,
                             pk.segments)
 
-        do_update = (jax.random.uniform(k_dec) < prob) & ~skip
+        do_update = (u_update < prob) & ~skip
         signal = grads if whiten_grad else moms
-        draw, balance = noise_for(jax.eval_shape(fit.pack, signal), fit.plans(leaf_plans), k_upd)
+        draw, balance = _normals(seeds, signal_shapes), u_balance < BALANCE_PROBABILITY
 
         def fit_factors(qs, ls):  # per leaf in and out; packed and stacked inside the branch
             new_qs, new_ls, new_ps = update_preconditioner(
@@ -346,30 +346,28 @@ def _rounding(rule):
     return rule
 
 
-def _normals(key, shapes):
-    """Standard normal arrays of the given shapes from one ``jax.random.bits`` draw, deferred.
+def _normals(seeds, shapes):
+    """Standard normal arrays of the given shapes from ``len(shapes) + 1`` pairs of uint32
+    ``seeds``, deferred.
 
     The bits are :func:`rollfast_rounding.hashed_bits`, a counter hash: threefry itself
     takes ~45 ms for the 4.9 M elements of the benchmark tree, the hash 0.4 ms. Arrays
     of fewer than ``POOL_LIMIT`` elements (small leaves, probes) are slices of one pooled
-    draw, computed now; the larger ones get two seeds each and are computed when the
-    returned ``draw()`` is called. Called inside the ``lax.cond`` branch that uses them,
-    each large array fuses into its consumer, while the pool is one operand of the
-    branch, computed once: fused into each of its ~50 consumers, XLA compiled ~50
-    copies of the hash.
+    draw (the last seed), computed now; the larger ones use their own seed and are
+    computed when the returned ``draw()`` is called. Called inside the ``lax.cond``
+    branch that uses them, each large array fuses into its consumer, while the pool is
+    one operand of the branch, computed once: fused into each of its ~50 consumers, XLA
+    compiled ~50 copies of the hash.
 
     Returns:
       ``draw``, a function of no arguments returning the list of arrays.
     """
-    import jax
-    import jax.numpy as jnp
     import numpy as np
     from rollfast_rounding import hashed_bits
 
     sizes = [int(np.prod(s)) for s in shapes]
-    seeds = jax.random.bits(key, (len(shapes) + 1, 2), jnp.uint32)
     pooled = [i for i, size in enumerate(sizes) if size < POOL_LIMIT]
-    pool = _normal(hashed_bits(seeds[-1], (sum(sizes[i] for i in pooled),))) if pooled else None
+    pool = _normal(hashed_bits(seeds[len(shapes)], (sum(sizes[i] for i in pooled),))) if pooled else None
 
     def draw():
         out, start = [], 0
@@ -384,13 +382,35 @@ def _normals(key, shapes):
     return draw
 
 
+def _draw_words(key, pairs):
+    """``(next_key, words)``: ``pairs`` pairs of uint32 words, shape ``(pairs, 2)``, and a
+    key to use next time, from one ``jax.random.bits`` call on ``key`` (raw or typed)."""
+    import jax
+    import jax.numpy as jnp
+
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    size = jax.random.key_data(key).size if typed else key.size
+    flat = jax.random.bits(key, (size + 2 * pairs,), jnp.uint32)
+    nxt = flat[:size].reshape(jax.random.key_data(key).shape if typed else key.shape)
+    if typed:
+        nxt = jax.random.wrap_key_data(nxt, impl=jax.random.key_impl(key))
+    return nxt, flat[size:].reshape(pairs, 2)
+
+
+def _unit(bits):
+    """Uniform floats in ``[0, 1)`` from the 23 high bits of uint32 words."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1
+
+
 def _normal(bits):
     """``√2·erfinv(2u − 1)`` with ``u ∈ [0, 1)`` from the 23 high bits: N(0, 1)."""
     import jax
     import jax.numpy as jnp
 
-    u = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1
-    return jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2 * u - 1, jnp.nextafter(-1.0, 0.0)))
+    return jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2 * _unit(bits) - 1, jnp.nextafter(-1.0, 0.0)))
 
 
 def _scanned_flags(tree, scanned_layers, n) -> list[bool]:
