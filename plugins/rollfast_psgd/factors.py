@@ -457,9 +457,7 @@ class Segments(NamedTuple):
         return total / jnp.asarray(self.sizes, x.dtype)
 
     def spread(self, v):
-        import jax.numpy as jnp
-
-        return jnp.repeat(v, jnp.asarray(self.sizes), total_repeat_length=sum(self.sizes))
+        return v[self._ids()]  # a gather by constant indices compiles in ms; jnp.repeat took 70
 
 
 class Packing(NamedTuple):
