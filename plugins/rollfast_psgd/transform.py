@@ -145,6 +145,7 @@ def scale_by_kron(
     cfg = UpdateConfig(spec, preconditioner_lr, beta_lipschitz, track_lipschitz, damping,
                        newton_schulz_iters, axis_name)
     reduce = lambda op, x: op(x, axis_name) if axis_name else x
+    never_updates = not callable(preconditioner_update_probability) and preconditioner_update_probability <= 0
 
     def plans(tree):
         from rollfast_psgd.factors import layout
@@ -310,7 +311,10 @@ def scale_by_kron(
         with jax.default_matmul_precision(precond_update_precision):
             # Either branch returns P = QᵀQ of the factors it leaves: a mode may have
             # formed it already, and a step that only applies P needs it once.
-            new_qs, new_ls, ps = jax.lax.cond(do_update, fit_factors, keep_factors, qs, ls)
+            if never_updates:  # a constant probability 0: no update branch to compile
+                new_qs, new_ls, ps = keep_factors(qs, ls)
+            else:
+                new_qs, new_ls, ps = jax.lax.cond(do_update, fit_factors, keep_factors, qs, ls)
             if not update_preconditioner_first:
                 ps = preconditioners(qs, leaf_plans)
         with jax.default_matmul_precision(precond_grads_precision):
