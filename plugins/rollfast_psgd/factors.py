@@ -160,17 +160,14 @@ def along_upper(m, x, axis):
     Array([[2., 4.],
            [2., 3.]], dtype=float32)
     """
-    import jax
     import jax.numpy as jnp
 
     edges = _edges(m.shape[0])
     if len(edges) == 2:
         return along(m, x, axis)
-    blocks = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in zip(edges, edges[1:])]
-    rows = []
-    for i, (a, b) in enumerate(zip(edges, edges[1:])):
-        rows.append(sum(along(m[a:b, c:e], blocks[k], axis)
-                        for k, (c, e) in enumerate(zip(edges, edges[1:])) if k >= i))
+    spans, blocks = _cut(x, axis, edges)
+    rows = [sum(along(m[a:b, c:e], blocks[k], axis) for k, (c, e) in enumerate(spans) if k >= i)
+            for i, (a, b) in enumerate(spans)]
     return jnp.concatenate(rows, axis)
 
 
@@ -180,6 +177,14 @@ def _edges(d) -> list:
     at the matmul's full speed."""
     blocks = 1 if d < BLOCKING else min(MAX_BLOCKS, d, max(1, 4 * d // BLOCKING))
     return [d * i // blocks for i in range(blocks + 1)]
+
+
+def _cut(x, axis, edges):
+    """The ``(start, stop)`` spans between ``edges`` and the slices of ``x`` along ``axis``."""
+    import jax
+
+    spans = list(zip(edges, edges[1:]))
+    return spans, [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in spans]
 
 
 def apply_all(mats, x, upper=False):
@@ -264,7 +269,6 @@ def gram(z, axis, dense, upper=False):
     >>> gram(jnp.array([[1.0, 2.0], [0.0, 3.0]]), 0, False)
     Array([5., 9.], dtype=float32)
     """
-    import jax
     import jax.numpy as jnp
 
     others = tuple(i for i in range(z.ndim) if i != axis)
@@ -273,15 +277,13 @@ def gram(z, axis, dense, upper=False):
     edges = _edges(z.shape[axis])
     if len(edges) == 2:
         return jnp.tensordot(z, z, axes=(others, others))
-    cuts = [jax.lax.slice_in_dim(z, a, b, axis=axis) for a, b in zip(edges, edges[1:])]
-    blocks = {}
-    for i, end in enumerate(edges[1:]):
-        for j in range(i, len(cuts)):
-            zi, zj = cuts[i], cuts[j]
-            if upper:
-                zi, zj = zi[:end], zj[:end]
-            blocks[i, j] = jnp.tensordot(zi, zj, axes=(others, others))
+    spans, cuts = _cut(z, axis, edges)
     n = len(cuts)
+    blocks = {}
+    for i, (_, end) in enumerate(spans):
+        for j in range(i, n):
+            zi, zj = (cuts[i][:end], cuts[j][:end]) if upper else (cuts[i], cuts[j])
+            blocks[i, j] = jnp.tensordot(zi, zj, axes=(others, others))
     return jnp.block([[blocks[i, j] if i <= j else blocks[j, i].T for j in range(n)] for i in range(n)])
 
 

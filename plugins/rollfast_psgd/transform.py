@@ -298,25 +298,24 @@ def scale_by_kron(
         signal = grads if whiten_grad else moms
         draw, balance = _normals(seeds, signal_shapes), u_balance < BALANCE_PROBABILITY
 
+        # Each branch also returns P = QᵀQ of the factors it leaves (a mode may have formed
+        # it already), unless P of the old factors is applied.
         def fit_factors(qs, ls):  # per leaf in and out; packed and stacked inside the branch
             new_qs, new_ls, new_ps = update_preconditioner(
                 fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal),
                 fit.plans(leaf_plans), fit.segments, draw, balance)
-            return (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls),
-                    fit.unpack(new_ps, qs))
+            out = (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls),
+                   fit.unpack(new_ps, qs))
+            return out if update_preconditioner_first else out[:2]
 
         def keep_factors(qs, ls):
-            return qs, ls, preconditioners(qs, leaf_plans)
+            return (qs, ls, preconditioners(qs, leaf_plans)) if update_preconditioner_first else (qs, ls)
 
         with jax.default_matmul_precision(precond_update_precision):
-            # Either branch returns P = QᵀQ of the factors it leaves: a mode may have
-            # formed it already, and a step that only applies P needs it once.
-            if never_updates:  # a constant probability 0: no update branch to compile
-                new_qs, new_ls, ps = keep_factors(qs, ls)
-            else:
-                new_qs, new_ls, ps = jax.lax.cond(do_update, fit_factors, keep_factors, qs, ls)
-            if not update_preconditioner_first:
-                ps = preconditioners(qs, leaf_plans)
+            out = (keep_factors(qs, ls) if never_updates  # a constant probability 0: no branch to compile
+                   else jax.lax.cond(do_update, fit_factors, keep_factors, qs, ls))
+            new_qs, new_ls = out[:2]
+            ps = out[2] if update_preconditioner_first else preconditioners(qs, leaf_plans)
         with jax.default_matmul_precision(precond_grads_precision):
             us = clip(precondition(pk.pack(ps), pk.pack(moms), pk.plans(leaf_plans)), pk.segments)
         us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(pk.unpack(us, leaves), leaves)]
@@ -393,12 +392,12 @@ def _draw_words(key, pairs):
     import jax.numpy as jnp
 
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    size = jax.random.key_data(key).size if typed else key.size
-    flat = jax.random.bits(key, (size + 2 * pairs,), jnp.uint32)
-    nxt = flat[:size].reshape(jax.random.key_data(key).shape if typed else key.shape)
+    data = jax.random.key_data(key) if typed else key
+    flat = jax.random.bits(key, (data.size + 2 * pairs,), jnp.uint32)
+    nxt = flat[:data.size].reshape(data.shape)
     if typed:
         nxt = jax.random.wrap_key_data(nxt, impl=jax.random.key_impl(key))
-    return nxt, flat[size:].reshape(pairs, 2)
+    return nxt, flat[data.size:].reshape(pairs, 2)
 
 
 def _unit(bits):
