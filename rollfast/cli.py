@@ -23,7 +23,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 
-from rollfast.errors import UnknownNameError, closest
+from rollfast.errors import UnknownNameError
 from rollfast.registry import KINDS, Contribution, registry
 
 SCHEMA = "rollfast.list/1"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
 
 def mixed_tree(dtype=None, seed: int = 0) -> dict:
     """A parameter tree with a scalar, a vector, a matrix, a 4-D kernel, ``None`` and an int leaf."""
-    import jax
-    import jax.numpy as jnp
-
     dtype = dtype or jnp.float32
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     return {
@@ -29,9 +31,6 @@ def mixed_tree(dtype=None, seed: int = 0) -> dict:
 
 def quadratic_loss(target: dict) -> Callable:
     """``0.5·Σ (p − target)²`` over the float leaves of ``target`` (convex, minimum 0)."""
-    import jax
-    import jax.numpy as jnp
-
     def loss(params):
         diffs = jax.tree.leaves(jax.tree.map(
             lambda p, t: jnp.sum(jnp.square(p.astype(jnp.float32) - t.astype(jnp.float32)))
@@ -45,10 +44,6 @@ def ill_conditioned_quadratic(dim: int = 16, condition: float = 1e4, seed: int =
     """A quadratic ``½ (w−w*)ᵀ H (w−w*)`` on a ``(dim, dim)`` matrix leaf with a
     known condition number: ``H = A ⊗ B`` with log-spaced eigenvalues in random
     bases, so ``cond(H) = condition``. Returns ``(params, loss)``; the minimum is 0."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     root = np.sqrt(condition)
     bases = [np.linalg.qr(rng.standard_normal((dim, dim)))[0] for _ in range(2)]
@@ -66,9 +61,6 @@ def ill_conditioned_quadratic(dim: int = 16, condition: float = 1e4, seed: int =
 def mlp_problem(seed: int = 0, n: int = 256, width: int = 32):
     """A small regression MLP (8 → width → width → 1) on a fixed smooth target.
     Returns ``(params, loss)`` where ``loss(params)`` is the mean squared error."""
-    import jax
-    import jax.numpy as jnp
-
     k = jax.random.split(jax.random.PRNGKey(seed), 5)
     x = jax.random.normal(k[0], (n, 8))
     y = jnp.sin(x @ jax.random.normal(k[1], (8, 1))) + 0.1 * jnp.cos(3 * x[:, :1])
@@ -96,10 +88,6 @@ def run(opt, params, loss: Callable, steps: int, **update_args):
     >>> losses[-1] < 1e-3 * losses[0]
     True
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     def float0_to_zero(g, p):  # gradients of integer leaves are float0
         return jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g
 
@@ -121,6 +109,4 @@ def run(opt, params, loss: Callable, steps: int, **update_args):
 
 def tree_bytes(tree) -> int:
     """Bytes held by the arrays of a pytree (e.g. an optimizer state)."""
-    import jax
-
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

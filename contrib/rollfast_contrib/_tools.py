@@ -6,47 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+import optax
 
-def skip_nonfinite(inner):
-    r"""Skip every step whose gradients are not all finite.
-
-    .. math::
-        (u_t, s_{t+1}) = \begin{cases} \mathrm{inner}(g_t, s_t) & g_t \text{ finite}\\
-                                       (0, s_t) & \text{otherwise}\end{cases}
-
-    Unlike ``optax.apply_if_finite`` the state keeps ``inner``'s structure.
-
-    Args:
-      inner: the transformation to guard.
-
-    >>> import jax.numpy as jnp, optax
-    >>> tx = skip_nonfinite(optax.scale_by_adam())
-    >>> s = tx.init(jnp.zeros(2))
-    >>> u, s2 = tx.update(jnp.array([1.0, jnp.nan]), s)
-    >>> u, bool((s2.mu == s.mu).all())
-    (Array([0., 0.], dtype=float32), True)
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    inner = optax.with_extra_args_support(inner)
-
-    def update(updates, state, params=None, **extra):
-        new_updates, new_state = inner.update(updates, state, params, **extra)
-        ok = all_finite(updates)
-        return (jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates),
-                jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state))
-
-    return optax.GradientTransformationExtraArgs(inner.init, update)
-
-
-def all_finite(tree):
-    """``True`` (a traced boolean) when every element of every leaf is finite."""
-    import jax
-    import jax.numpy as jnp
-
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [True]))
+from rollfast.toolbox import skip_nonfinite
 
 
 def decoupled(direction, learning_rate, weight_decay, weight_decay_mask):
@@ -65,8 +29,6 @@ def decoupled(direction, learning_rate, weight_decay, weight_decay_mask):
     >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2))[0]
     Array([-0.15, -0.15], dtype=float32)
     """
-    import optax
-
     return skip_nonfinite(optax.chain(direction,
                                       optax.add_decayed_weights(weight_decay, weight_decay_mask),
                                       optax.scale_by_learning_rate(learning_rate)))
@@ -81,8 +43,6 @@ def map_leaves(fn: Callable, updates, *trees):
     >>> map_leaves(lambda i, g, s: (g + s, s + i), {"a": jnp.ones(1), "b": None}, {"a": 2.0, "b": None})
     ({'a': Array([3.], dtype=float32), 'b': None}, {'a': 2.0, 'b': None})
     """
-    import jax
-
     leaves, treedef = jax.tree.flatten(updates)
     rest = [treedef.flatten_up_to(t) for t in trees]
     outs = [fn(i, g, *s) for i, (g, *s) in enumerate(zip(leaves, *rest))]
@@ -91,25 +51,18 @@ def map_leaves(fn: Callable, updates, *trees):
 
 def init_leaves(fn: Callable, params):
     """The per-leaf states ``fn(index, p)`` in ``params``' structure (``None`` stays ``None``)."""
-    import jax
-
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten([fn(i, p) for i, p in enumerate(leaves)])
 
 
 def field(states, name: str, kind: type):
     """Field ``name`` of the per-leaf NamedTuples of type ``kind`` in ``states``."""
-    import jax
-
     return jax.tree.map(lambda s: getattr(s, name), states, is_leaf=lambda x: isinstance(x, kind))
 
 
 def adam_moments(grads, mu, nu, b1, b2):
     """Adam's moment EMAs in float32, ``(1-β1) g + β1 m`` and ``(1-β2) g² + β2 v``,
     over trees; returns the two new trees."""
-    import jax
-    import jax.numpy as jnp
-
     f32 = lambda g: g.astype(jnp.float32)
     return (jax.tree.map(lambda g, m: (1 - b1) * f32(g) + b1 * m, grads, mu),
             jax.tree.map(lambda g, v: (1 - b2) * (f32(g) * f32(g)) + b2 * v, grads, nu))
@@ -117,8 +70,6 @@ def adam_moments(grads, mu, nu, b1, b2):
 
 def adam_direction(m, v, count, b1, b2, eps):
     r"""Adam's bias-corrected direction :math:`\hat m/(\sqrt{\hat v}+\epsilon)` at step ``count`` (≥ 1)."""
-    import jax.numpy as jnp
-
     m_hat = m / (1 - b1**count).astype(m.dtype)
     v_hat = v / (1 - b2**count).astype(v.dtype)
     return m_hat / (jnp.sqrt(v_hat) + eps)

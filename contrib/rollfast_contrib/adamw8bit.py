@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from rollfast_contrib._tools import (adam_direction, adam_moments, decoupled, field, init_leaves,
-                                     map_leaves)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rollfast_contrib._tools import adam_direction, adam_moments, decoupled, field, init_leaves, map_leaves
 
 REFERENCES = ("Dettmers et al., 8-bit Optimizers via Block-wise Quantization, arXiv:2110.02861",)
 
@@ -56,8 +60,6 @@ def dynamic_map(signed: bool):
     >>> len(dynamic_map(signed=True))
     255
     """
-    import numpy as np
-
     bits = 7 if signed else 8
     values = [np.zeros(1)]
     for exponent in range(bits):
@@ -89,8 +91,6 @@ def quantize(x, signed: bool, block_size: int) -> Quantized:
     >>> [round(float(v), 4) for v in dequantize(q, signed=True)]
     [0.5094, -2.0, 0.0011]
     """
-    import jax.numpy as jnp
-
     bits = 7 if signed else 8
     flat = x.astype(jnp.float32).ravel()
     length = _block_length(flat.size, -(-flat.size // block_size))
@@ -123,8 +123,6 @@ def dequantize(q: Quantized, signed: bool):
     >>> q.codes, dequantize(q, signed=False)
     (Array([255, 127,   0], dtype=uint8), Array([4. , 0.4, 0. ], dtype=float32))
     """
-    import jax.numpy as jnp
-
     scale = jnp.repeat(q.absmax, _block_length(q.codes.size, q.absmax.size))
     values = jnp.asarray(dynamic_map(signed))[q.codes.astype(jnp.int32)]
     return values * scale[:q.codes.size].reshape(q.codes.shape)
@@ -136,8 +134,6 @@ def _block_length(size: int, blocks: int) -> int:
 
 def first_moment(state):
     """The dequantised momentum of an ``adamw8bit`` state."""
-    import jax
-
     return jax.tree.map(lambda m: dequantize(m, True) if isinstance(m, Quantized) else m,
                         field(state[0].moments, "mu", MomentsLeaf),
                         is_leaf=lambda x: isinstance(x, Quantized))
@@ -171,9 +167,6 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
     >>> u, s.moments.mu.codes.dtype
     (Array([ 1., -1.], dtype=float32), dtype('uint8'))
     """
-    import jax.numpy as jnp
-    import optax
-
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
 

@@ -7,8 +7,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from rollfast_contrib._tools import (adam_direction, adam_moments, decoupled, init_leaves,
-                                     map_leaves, matrix_shape)
+import jax
+import jax.numpy as jnp
+import optax
+
+from rollfast.toolbox import as_key
+from rollfast_contrib._tools import (
+    adam_direction,
+    adam_moments,
+    decoupled,
+    init_leaves,
+    map_leaves,
+    matrix_shape,
+)
 
 REFERENCES = ("Zhu et al., APOLLO: SGD-like Memory, AdamW-level Performance, arXiv:2412.05270",)
 VARIANTS = ("apollo", "mini")
@@ -49,8 +60,6 @@ def projection(key, leaf: int, period: int, rank: int, dim: int):
     >>> projection(jax.random.PRNGKey(0), 0, 0, 2, 5).shape
     (2, 5)
     """
-    import jax
-
     k = jax.random.fold_in(jax.random.fold_in(key, leaf), period)
     return jax.random.normal(k, (rank, dim)) / math.sqrt(rank)
 
@@ -98,10 +107,6 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
     >>> s.leaves["w"].mu.shape, u["w"].shape
     ((2, 6), (4, 6))
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     if variant not in VARIANTS:
         raise ValueError(f"APOLLO variant must be one of {VARIANTS}, got {variant!r}")
     mini = variant == "mini"
@@ -121,7 +126,7 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
             moments = layout(shape)[2] if len(shape) >= 2 else shape
             return ApolloLeaf(jnp.zeros(moments, jnp.float32), jnp.zeros(moments, jnp.float32),
                               jnp.zeros([], jnp.float32))
-        k = key if isinstance(key, jax.Array) and key.ndim else jax.random.PRNGKey(key)
+        k = as_key(key)
         return ScaleByApolloState(jnp.zeros([], jnp.int32), init_leaves(leaf, params), k)
 
     def update(updates, state, params=None):

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 from rollfast_contrib._tools import adam_direction, adam_moments, decoupled
 
 REFERENCES = ("Yuan et al., MARS: Unleashing the Power of Variance Reduction for Training "
@@ -57,10 +61,6 @@ def scale_by_mars(b1=0.95, b2=0.99, eps=1e-8, gamma=0.025, max_grad_norm=1.0, va
     >>> u.round(4)
     Array([ 1., -1.], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     if variant not in VARIANTS:
         raise ValueError(f"MARS variant must be one of {VARIANTS}, got {variant!r}")
     lion = variant == "lion"

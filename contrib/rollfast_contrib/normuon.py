@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from rollfast_contrib._tools import (adam_direction, adam_moments, decoupled, field, init_leaves,
-                                     map_leaves)
+import jax.numpy as jnp
+import optax
+
+from rollfast_contrib._tools import adam_direction, adam_moments, decoupled, field, init_leaves, map_leaves
 
 REFERENCES = ("Li et al., NorMuon: Making Muon more efficient and scalable, arXiv:2510.05491",
               "Jordan et al., Muon: An optimizer for hidden layers in neural networks (2024), "
@@ -57,8 +59,6 @@ def newton_schulz(x, steps=5, coeffs=NS_COEFFS, eps=1e-7):
     >>> bool(((s > 0.6) & (s < 1.3)).all())
     True
     """
-    import jax.numpy as jnp
-
     a, b, c = coeffs
     tall = x.shape[0] > x.shape[1]
     x = x.astype(jnp.float32)
@@ -105,9 +105,6 @@ def scale_by_normuon(b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-1, rms
     >>> round(float(jnp.sqrt(jnp.mean(u["w"] ** 2))), 4), u["b"]
     (0.2, Array([ 1., -1.], dtype=float32))
     """
-    import jax.numpy as jnp
-    import optax
-
     def as_matrix(x):
         moved = jnp.moveaxis(x, neuron_axis, 0)
         return moved.reshape(moved.shape[0], -1)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 from rollfast_contrib._tools import adam_moments, decoupled
 
 REFERENCES = ("Ma & Yarats, Quasi-hyperbolic momentum and Adam for deep learning, arXiv:1810.06801",
@@ -47,10 +51,6 @@ def scale_by_qhadam(b1=0.995, b2=0.999, nu1=0.7, nu2=1.0, eps=1e-8):
     >>> u
     Array([ 1., -1.], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     def init(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
         return ScaleByQHAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),

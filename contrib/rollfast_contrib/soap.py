@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 from rollfast_contrib._tools import decoupled, field, init_leaves, map_leaves
 
 REFERENCES = ("Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, arXiv:2409.11321",)
@@ -56,21 +60,15 @@ def merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...
 
 def _mode_product(x, q, axis, transpose):
     """``x ×_axis qᵀ`` (into the basis) or ``x ×_axis q`` (back)."""
-    import jax.numpy as jnp
-
     return jnp.moveaxis(jnp.tensordot(x, q, axes=([axis], [0 if transpose else 1])), -1, axis)
 
 
 def _gram(x, axis):
-    import jax.numpy as jnp
-
     others = [a for a in range(x.ndim) if a != axis]
     return jnp.tensordot(x, x, axes=(others, others))
 
 
 def _descending_eigenbasis(factor):
-    import jax.numpy as jnp
-
     _, vectors = jnp.linalg.eigh(factor)
     return vectors[:, ::-1]
 
@@ -117,10 +115,6 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_fr
     >>> float(jnp.abs(u["w"]).max()), [q.shape for q in s.leaves["w"].bases]
     (0.0, [(4, 4), (3, 3)])
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     beta_s = b2 if shampoo_beta is None else shampoo_beta
     if precondition_frequency < 1:
         raise ValueError(f"precondition_frequency must be >= 1, got {precondition_frequency}")

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 import rollfast
+from rollfast.toolbox import as_key
 
 
 @rollfast.hookimpl
@@ -64,10 +69,6 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
     >>> u["w"]
     Array([ 1., -1.], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     store = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
     keeps_mu = not (isinstance(b1, (int, float)) and b1 == 0)  # b1 = 0: m_t = g_t, nothing to store
     low_precision = store != jnp.float32
@@ -82,7 +83,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
 
     def init(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), store)
-        k = key if isinstance(key, jax.Array) and key.ndim else jax.random.PRNGKey(key)
+        k = as_key(key)
         mu = jax.tree.map(zeros, params) if keeps_mu else None
         return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, jax.tree.map(zeros, params), k)
 
@@ -129,8 +130,6 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
     >>> import rollfast
     >>> opt = rollfast.get("adam", learning_rate=1e-3)
     """
-    import optax
-
     return optax.chain(
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, round=round, key=key),
         optax.scale_by_learning_rate(learning_rate))
@@ -159,8 +158,6 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
     >>> opt.update({"w": jnp.array([3.0, -0.5])}, opt.init(p), p)[0]["w"]
     Array([-0.1,  0.1], dtype=float32)
     """
-    import optax
-
     return optax.chain(
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, round=round, key=key),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

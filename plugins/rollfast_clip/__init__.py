@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import rollfast
-from rollfast_rounding import is_float
+import jax
+import jax.numpy as jnp
+import optax
 
-MODES = ("per_tensor_rms", "global_rms")
+import rollfast
+from rollfast.toolbox import is_float, run_unless_skipped, spike_guard, update_clipper
 
 
 @rollfast.hookimpl
@@ -40,55 +42,6 @@ class ClipState(NamedTuple):
 
     inner_state: object
     count: object
-
-
-def all_finite(tree, axis_name=None):
-    """Whether every floating element of ``tree`` is finite (on every device of ``axis_name``).
-
-    >>> import jax.numpy as jnp
-    >>> bool(all_finite({"a": jnp.ones(2), "b": None})), bool(all_finite([jnp.array(jnp.nan)]))
-    (True, False)
-    """
-    import jax
-    import jax.numpy as jnp
-
-    # x·0 is 0 where x is finite and NaN elsewhere: one summing pass, about 3× faster
-    # than reducing isfinite(x) on CPU.
-    flags = [jnp.isfinite(jnp.sum(x * 0)) for x in _floats(tree)]
-    ok = jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-    if axis_name is not None:
-        ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
-    return ok
-
-
-def keep_if(ok, new, old):
-    """``new`` where ``ok`` else ``old``, leaf by leaf (trees of the same structure)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
-def run_unless_skipped(ok, update, grads, state):
-    """``update(grads, state)`` if ``ok``, else zero updates and ``state`` unchanged.
-
-    A ``lax.cond`` rather than a select of both outcomes: a select re-reads and
-    re-writes every state array on every step, which on a memory-bound step costs
-    more than the update itself.
-
-    >>> import jax.numpy as jnp
-    >>> step = lambda g, s: (g, s + 1)
-    >>> run_unless_skipped(jnp.asarray(False), step, jnp.ones(2), jnp.zeros(2))
-    (Array([0., 0.], dtype=float32), Array([0., 0.], dtype=float32))
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def skipped(grads, state):
-        shapes = jax.eval_shape(update, grads, state)[0]
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state
-
-    return jax.lax.cond(ok, update, skipped, grads, state)
 
 
 def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=None,
@@ -124,28 +77,14 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
     >>> opt.update({"w": jnp.array([30.0, -40.0])}, opt.init(p), p)[0]["w"]
     Array([-0.1,  0.1], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     del first_moment
     clip_update = update_clipper(grad_clip_mode, grad_clip_max_amps, axis_name)
-    tiny = jnp.finfo(jnp.float32).tiny
 
     def init(params):
         return ClipState(inner.init(params), jnp.zeros([], jnp.int32))
 
     def update(grads, state, params=None, **extra):
-        factor = None
-        if raw_global_grad_clip is None:
-            ok = all_finite(grads, axis_name)
-        else:
-            norm = jnp.sqrt(_sum([sum_of_squares(g) for g in _floats(grads)], axis_name))
-            ok = jnp.isfinite(norm)  # also skips a gradient whose norm overflows float32
-            spike = norm > raw_global_grad_clip
-            factor = jnp.where(spike, raw_global_grad_clip / (norm + tiny), 1.0)
-            if not permissive_spike_protection:
-                ok = ok & ~spike
+        ok, factor = spike_guard(grads, raw_global_grad_clip, permissive_spike_protection, axis_name)
 
         def step(grads, inner_state):  # the spike's rescaling fuses into the family's first pass
             if factor is not None:
@@ -160,76 +99,3 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def update_clipper(mode: str, max_amps, axis_name=None):
-    """``clip(updates, scale)``: the update clipping of ``mode`` with caps ``max_amps × scale``.
-
-    >>> import jax.numpy as jnp
-    >>> clip = update_clipper("per_tensor_rms", (1.0, 1.5))
-    >>> clip({"w": jnp.array([3.0, 4.0])}, 1.0)["w"]     # rms 3.54 → 1, then |·| ≤ 1.5
-    Array([0.848..., 1.131...], dtype=float32)
-    >>> update_clipper("global", 1.0)
-    Traceback (most recent call last):
-    ValueError: grad_clip_mode must be one of 'per_tensor_rms', 'global_rms'; got 'global'
-    """
-    import jax
-    import jax.numpy as jnp
-
-    mode = str(getattr(mode, "value", mode)).lower()
-    if mode not in MODES:
-        raise ValueError(f"grad_clip_mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-    if max_amps is None:
-        return lambda updates, scale: updates
-    a_rms, a_elem = (float(max_amps), 10.0) if isinstance(max_amps, (int, float)) else map(float, max_amps)
-    tiny = jnp.finfo(jnp.float32).tiny
-
-    def per_tensor(u, scale):
-        if not is_float(u):
-            return u
-        rms = jnp.sqrt(sum_of_squares(u) / max(u.size, 1))
-        u = u * jnp.minimum(1.0, a_rms * scale / (rms + tiny)).astype(u.dtype)
-        cap = (a_elem * scale).astype(jnp.float32)
-        if jnp.iscomplexobj(u):
-            return u * jnp.minimum(1.0, cap / jnp.maximum(jnp.abs(u), tiny)).astype(u.real.dtype)
-        return jnp.clip(u, -cap.astype(u.dtype), cap.astype(u.dtype))
-
-    def clip_per_tensor(updates, scale):
-        return jax.tree.map(lambda u: per_tensor(u, jnp.asarray(scale, jnp.float32)), updates)
-
-    def clip_global(updates, scale):
-        floats = _floats(updates)
-        total = _sum([sum_of_squares(u) for u in floats], axis_name)
-        count = _sum([jnp.asarray(u.size, jnp.float32) for u in floats], axis_name)
-        factor = jnp.minimum(1.0, a_rms * scale / jnp.maximum(jnp.sqrt(total / jnp.maximum(count, 1.0)), tiny))
-        return jax.tree.map(lambda u: u * factor.astype(u.dtype) if is_float(u) else u, updates)
-
-    return clip_per_tensor if mode == "per_tensor_rms" else clip_global
-
-
-def sum_of_squares(x):
-    """``Σ|x|²`` in float32, one vectorised pass over ``x``.
-
-    >>> import jax.numpy as jnp
-    >>> sum_of_squares(jnp.array([3.0, 4.0]))
-    Array(25., dtype=float32)
-    """
-    import jax
-    import jax.numpy as jnp
-
-    x = x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32).ravel()
-    # The barrier stops XLA from rewriting the dot into a multiply and a reduce,
-    # which writes x² out and reads it back, and runs much slower on CPU.
-    return jnp.real(jnp.vdot(x, jax.lax.optimization_barrier(x)))
-
-
-def _floats(tree) -> list:
-    import jax
-
-    return [x for x in jax.tree.leaves(tree) if is_float(x)]
-
-
-def _sum(values: list, axis_name=None):
-    import jax
-    import jax.numpy as jnp
-
-    total = sum(values, jnp.float32(0.0))
-    return total if axis_name is None else jax.lax.psum(total, axis_name)

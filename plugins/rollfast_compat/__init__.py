@@ -22,6 +22,7 @@ with ``b1=0`` (it then scores against its own gradient EMA) instead of raising.
 from __future__ import annotations
 
 import rollfast
+from rollfast.errors import UnknownNameError
 
 NAMES = ("kron", "prism", "adamw", "schedule_free_kron", "schedule_free_prism", "schedule_free_adam")
 PROVIDERS = {"kron": "rollfast_psgd", "prism": "rollfast_prism", "adamw": "rollfast_adam"}
@@ -257,15 +258,11 @@ def _schedule_free(options: dict) -> dict:
 
 
 def _wsd(peak, total, warmup, decay):
-    from rollfast_schedule_free import wsd_schedule
-
-    return wsd_schedule(peak, total, warmup, decay)
+    return rollfast.wsd_schedule(peak, total, warmup, decay)
 
 
 def _get(family: str, options: dict):
     """``rollfast.get(family, **options)``, with a hint naming the plugin when it is missing."""
-    from rollfast.errors import UnknownNameError
-
     reg = rollfast.registry()
     try:
         record = reg.lookup("family", family)

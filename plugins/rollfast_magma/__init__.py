@@ -31,7 +31,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 import rollfast
+from rollfast.toolbox import absent, as_key, is_float, keep_if, sum_of_squares
 
 EMA_DECAY = 0.9
 SCORE_DECAY = 0.9
@@ -77,11 +82,6 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
     >>> opt.update({"w": jnp.array([1.0, -1.0])}, opt.init(p), p)[0]["w"]   # cos = 1
     Array([-0.51225..., 0.51225...], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from rollfast_clip import keep_if
-    from rollfast_rounding import absent, as_key, is_float
 
     if not 0.0 <= magma_p <= 1.0:
         raise ValueError(f"magma_p must be in [0, 1]; got {magma_p}")
@@ -140,10 +140,6 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
 
 def _sums(g, m, axis_name=None):
     """``[Σ g·m, Σ g², Σ m²]`` in float32 (summed over ``axis_name``)."""
-    import jax
-    import jax.numpy as jnp
-
-    from rollfast_clip import sum_of_squares
 
     g, m = g.astype(jnp.float32), m.astype(jnp.float32)
     sums = jnp.stack([jnp.vdot(g, m), sum_of_squares(g), sum_of_squares(m)])

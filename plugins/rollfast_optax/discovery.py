@@ -27,6 +27,8 @@ import typing
 from collections.abc import Callable
 from typing import NamedTuple
 
+import optax
+
 # Optimizers by rules 1-3 that cannot run on ordinary gradients.
 NOT_APPLICABLE = {
     "dpsgd": "needs per-example gradients (a leading batch axis on every gradient leaf)",
@@ -69,7 +71,6 @@ def catalogue(namespaces=None) -> tuple[list[Entry], dict[str, str]]:
     'wraps or combines other transformations (takes `optimizer`), not an optimizer by itself'
     """
     if namespaces is None:
-        import optax
         import optax.contrib
 
         namespaces = (("optax", optax), ("optax.contrib", optax.contrib))
@@ -137,8 +138,6 @@ def _first_parameter(obj) -> inspect.Parameter | None:
 
 
 def _mentions_transformation(annotation) -> bool:
-    import optax
-
     if isinstance(annotation, str):
         return "GradientTransformation" in annotation
     if inspect.isclass(annotation) and issubclass(annotation, optax.GradientTransformation):

@@ -36,6 +36,10 @@ import re
 from collections.abc import Callable, Sequence
 
 import attrs
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 import rollfast
 
@@ -114,8 +118,6 @@ class MatrixView:
 
     def from_matrices(self, y):
         """The inverse of :meth:`to_matrices`."""
-        import numpy as np
-
         y = y.reshape(tuple(self.shape[a] for a in self.perm))
         return y.transpose(tuple(np.argsort(self.perm)))
 
@@ -206,7 +208,6 @@ def get_equinox_prism_spec(model, skip_depthwise_conv=True):
     MatrixSpec(reduction_axis=(1, 2, 3), output_axis=0)
     """
     import equinox as eqx
-    import jax
 
     layers = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
     is_layer = lambda x: isinstance(x, layers)
@@ -260,8 +261,6 @@ def per_leaf(fn: Callable) -> Callable:
     >>> part({"stack": jnp.ones((2, 3, 4)), "w": jnp.ones((3, 4))})
     {'stack': MatrixSpec(reduction_axis=1, output_axis=2), 'w': None}
     """
-    import jax
-
     def partitioner(params):
         def one(path, leaf):
             return fn(jax.tree_util.keystr(path), leaf) if _is_float_array(leaf) else None
@@ -314,8 +313,6 @@ def leaf_specs(partitioner: Callable, tree):
     ...
     ValueError: spec for leaf ['w'] does not fit its shape (3, 4): output axis 2 is out of range for a tensor of rank 2
     """
-    import jax
-
     specs = partitioner(tree)
     flat_specs = dict(jax.tree_util.tree_flatten_with_path(
         specs, is_leaf=lambda x: _is_empty(x) or isinstance(x, MatrixSpec))[0])
@@ -347,14 +344,10 @@ def leaf_specs(partitioner: Callable, tree):
 
 
 def _is_empty(x) -> bool:
-    import optax
-
     return x is None or isinstance(x, optax.MaskedNode)
 
 
 def _is_float_array(x) -> bool:
-    import jax.numpy as jnp
-
     return hasattr(x, "shape") and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 

@@ -14,8 +14,12 @@ signature names. First-party modes: ``original`` and ``bidirectional``.
 
 from __future__ import annotations
 
+import jax
+import optax
+
 import rollfast
-from rollfast_prism.transform import ScaleByPrismState, _as_key, scale_by_prism
+from rollfast.toolbox import as_key, skip_nonfinite
+from rollfast_prism.transform import ScaleByPrismState, scale_by_prism
 
 REFERENCES = ("Y. Yang, PRISM: Structured Optimization via Anisotropic Spectral Shaping, arXiv:2602.03096",
               "F. L. Cesista, Bidirectional-PRISM (Shampoo-style two-sided PRISM)")
@@ -87,15 +91,13 @@ def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask
     (Array([[-0.1, -0. ],
            [-0. , -0.1]], dtype=float32), Array([-0.1, -0.1], dtype=float32))
     """
-    import jax
-    import optax
     from rollfast_partition import MatrixSpec, as_partitioner, leaf_specs
 
     if not isinstance(fallback, str):
         raise TypeError(f"fallback must be a family name, got {fallback!r}")
     partitioner = as_partitioner(partition if prism_weight_dimension_numbers is None
                                  else prism_weight_dimension_numbers)
-    key_prism, key_fallback = jax.random.split(_as_key(key))
+    key_prism, key_fallback = jax.random.split(as_key(key))
     matrix = optax.chain(
         scale_by_prism(b1, gamma, ns_iters, mode, inv_steps, inv_eps, inv_scale, eps_gram, gamma_l,
                        gamma_r, precision, nesterov, shape_nesterov, bias_correction, mu_dtype,
@@ -113,34 +115,14 @@ def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask
         return jax.tree.map(lambda s: "prism" if isinstance(s, MatrixSpec) else "fallback",
                             leaf_specs(partitioner, tree), is_leaf=lambda s: s is None or isinstance(s, MatrixSpec))
 
-    return _skip_nonfinite(optax.partition({"prism": matrix, "fallback": rest}, labels))
+    return skip_nonfinite(optax.partition({"prism": matrix, "fallback": rest}, labels))
 
-
-def _skip_nonfinite(inner):
-    """Zero updates and keep the previous state on a step with a non-finite gradient."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    def update(updates, state, params=None, **extra):
-        new_updates, new_state = inner.update(updates, state, params, **extra)
-        finite = jnp.array(True)
-        for g in jax.tree.leaves(updates):
-            finite = finite & jnp.all(jnp.isfinite(g))
-        keep = lambda new, old: jnp.where(finite, new, old)
-        return (jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates),
-                jax.tree.map(keep, new_state, state))
-
-    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def first_moment(state):
     """The momentum in the parameters' structure: PRISM's ``M`` on matrix
     leaves, the fallback's ``mu`` (its first state field named ``mu``) on the
     others, ``None`` where there is none."""
-    import jax
-    import optax
-
     inner = state.inner_states
     prism_mu = inner["prism"].inner_state[0].mu
     fallback_mu = _find_mu(inner["fallback"].inner_state)

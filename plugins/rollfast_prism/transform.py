@@ -19,6 +19,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
+from rollfast.registry import registry
+from rollfast.toolbox import as_key, resolve
+
 
 class ScaleByPrismState(NamedTuple):
     """Step count, the momentum of matrix leaves (``None`` elsewhere) and the PRNG key."""
@@ -94,9 +101,6 @@ def scale_by_prism(b1=0.95, gamma=1.0, ns_iters=5, mode="original", inv_steps=6,
     (Array([[0.75, 0.  ],
            [0.  , 1.13]], dtype=float32), Array([1., 1.], dtype=float32))
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
     from rollfast_partition import MatrixSpec, as_partitioner, leaf_specs
 
     _check(b1=b1, gamma=gamma, ns_iters=ns_iters)
@@ -105,7 +109,7 @@ def scale_by_prism(b1=0.95, gamma=1.0, ns_iters=5, mode="original", inv_steps=6,
         gamma=gamma, ns_iters=ns_iters, inv_steps=inv_steps, inv_eps=inv_eps, inv_scale=inv_scale,
         eps_gram=eps_gram, gamma_l=gamma_l, gamma_r=gamma_r, precision=precision))
     partitioner = as_partitioner(weight_dimension_numbers)
-    rounder = _resolve_round(round)
+    rounder = resolve("round", round, option="round")
     store = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
     is_node = lambda x: x is None or isinstance(x, (optax.MaskedNode, MatrixSpec))
 
@@ -113,7 +117,7 @@ def scale_by_prism(b1=0.95, gamma=1.0, ns_iters=5, mode="original", inv_steps=6,
         specs = leaf_specs(partitioner, params)
         mu = jax.tree.map(lambda s, p: jnp.zeros_like(p, dtype=store) if isinstance(s, MatrixSpec) else s,
                           specs, params, is_leaf=is_node)
-        return ScaleByPrismState(jnp.zeros([], jnp.int32), mu, _as_key(key))
+        return ScaleByPrismState(jnp.zeros([], jnp.int32), mu, as_key(key))
 
     def direction(t, d, g):
         out = shape_fn(t, d)
@@ -187,8 +191,6 @@ def scale_by_prism(b1=0.95, gamma=1.0, ns_iters=5, mode="original", inv_steps=6,
 
 def _map_matrices(fn, view, *tensors):
     """Apply ``fn`` to every matrix of the tensors' views and return a tensor."""
-    import jax
-
     mats = [view.to_matrices(x) for x in tensors]
     if view.matrix_shape[0] == 1:
         res = fn(*(m[0] for m in mats))[None]
@@ -200,12 +202,6 @@ def _map_matrices(fn, view, *tensors):
 def _write(x, dtype, rounder, key):
     return x.astype(dtype) if rounder is None else rounder.cast(x, dtype, key)
 
-
-def _as_key(key):
-    import jax
-    import numpy as np
-
-    return jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
 
 
 def _amps(amps):
@@ -233,8 +229,6 @@ def _check(*, b1, gamma, ns_iters):
 def _shape_fn(mode, options):
     """``(T, D) -> O`` from a mode name, record or function, with the options it declares."""
     if isinstance(mode, str):
-        from rollfast.registry import registry
-
         mode = registry().lookup("mode", mode, "prism")
     fn = mode.impl["shape"] if hasattr(mode, "impl") else mode
     if not callable(fn):
@@ -242,11 +236,3 @@ def _shape_fn(mode, options):
     declared = inspect.signature(fn).parameters
     chosen = {k: v for k, v in options.items() if k in declared}
     return lambda t, d: fn(t, d, **chosen)
-
-
-def _resolve_round(value):
-    if isinstance(value, str):
-        from rollfast.registry import registry
-
-        return registry().lookup("round", value).factory()
-    return value

@@ -46,6 +46,10 @@ state unchanged (count, key, momentum, factors) — so NaN never reaches ``Q``.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import optax
+
 import rollfast
 from rollfast_psgd.schedule import precond_update_prob_schedule
 from rollfast_psgd.transform import KronState, scale_by_kron
@@ -67,9 +71,6 @@ def precondition(register):
 
 
 def _first_moment(state):
-    import jax
-    import jax.numpy as jnp
-
     mu = state[0].mu
     return None if mu is None else jax.tree.map(lambda m: m.astype(jnp.float32), mu)
 
@@ -105,7 +106,6 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
     """
     options = {k: v for k, v in locals().items()
                if k not in ("learning_rate", "weight_decay", "weight_decay_mask")}
-    import optax
 
     return optax.chain(scale_by_kron(**options),
                        optax.add_decayed_weights(weight_decay, weight_decay_mask),

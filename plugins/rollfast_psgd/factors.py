@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 STATISTICS = ("Ph", "Qh")
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 MAX_NDIM = 13
@@ -111,8 +115,6 @@ def init_factors(shape, dense, scale) -> tuple:
     >>> [f.shape for f in init_factors((3, 2), (True, False), 1.0)]
     [(3, 3), (2,)]
     """
-    import jax.numpy as jnp
-
     shape = tuple(shape) or (1,)
     root = scale ** (1 / len(shape))
     return tuple(root * (jnp.eye(d) if is_dense else jnp.ones(d)) for d, is_dense in zip(shape, dense))
@@ -131,8 +133,6 @@ def along(m, x, axis):
     >>> along(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([[1.0, 2.0]]), 1)
     Array([[2., 1.]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     if m.ndim == 1:
         return x * m.reshape((-1,) + (1,) * (x.ndim - axis - 1))
     if axis == x.ndim - 1:
@@ -160,8 +160,6 @@ def along_upper(m, x, axis):
     Array([[2., 4.],
            [2., 3.]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     edges = _edges(m.shape[0])
     if len(edges) == 2:
         return along(m, x, axis)
@@ -181,8 +179,6 @@ def _edges(d) -> list:
 
 def _cut(x, axis, edges):
     """The ``(start, stop)`` spans between ``edges`` and the slices of ``x`` along ``axis``."""
-    import jax
-
     spans = list(zip(edges, edges[1:]))
     return spans, [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in spans]
 
@@ -236,9 +232,6 @@ def inverse_probe(qs, v):
     >>> inverse_probe([jnp.array([[2.0, 0.0], [0.0, 4.0]])], jnp.ones(2))
     Array([0.5 , 0.25], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-
     for axis, q in enumerate(qs):
         if q.ndim == 1:
             v = v / q.reshape((-1,) + (1,) * (v.ndim - axis - 1))
@@ -269,8 +262,6 @@ def gram(z, axis, dense, upper=False):
     >>> gram(jnp.array([[1.0, 2.0], [0.0, 3.0]]), 0, False)
     Array([5., 9.], dtype=float32)
     """
-    import jax.numpy as jnp
-
     others = tuple(i for i in range(z.ndim) if i != axis)
     if not dense:
         return jnp.sum(z * z, axis=others)
@@ -298,8 +289,6 @@ def diag_step(q, terms):
     >>> diag_step(jnp.ones(2), FactorTerms(jnp.array([3.0, 1.0]), 1.0, 0.5, 4.0, None, 5))
     Array([0., 1.], dtype=float32)
     """
-    import jax.numpy as jnp
-
     return jnp.abs(q * (1 - terms.eta * (terms.t1 - terms.t2)))
 
 
@@ -354,9 +343,6 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
     >>> qs[0], ps[0]
     (Array([1.1, 1.1], dtype=float32), Array([1.21, 1.21], dtype=float32))
     """
-    import jax
-    import jax.numpy as jnp
-
     from rollfast_psgd.linalg import nlb_spd
 
     spec = cfg.spec
@@ -419,9 +405,6 @@ def balancing(qs, when, axis_name=None) -> list:
     >>> balancing([jnp.array([4.0]), jnp.array([1.0])], True)
     [Array(0.5, dtype=float32), Array(2., dtype=float32)]
     """
-    import jax
-    import jax.numpy as jnp
-
     nus = jnp.stack([jnp.max(jnp.abs(q)) for q in qs])
     if axis_name:
         nus = jax.lax.pmax(nus, axis_name)
@@ -442,19 +425,12 @@ class Segments(NamedTuple):
     sizes: tuple
 
     def _ids(self):
-        import numpy as np
-
         return np.repeat(np.arange(len(self.sizes)), self.sizes)
 
     def max(self, x):
-        import jax
-
         return jax.ops.segment_max(x, self._ids(), len(self.sizes), indices_are_sorted=True)
 
     def mean(self, x):
-        import jax
-        import jax.numpy as jnp
-
         total = jax.ops.segment_sum(x, self._ids(), len(self.sizes), indices_are_sorted=True)
         return total / jnp.asarray(self.sizes, x.dtype)
 
@@ -531,8 +507,6 @@ class Packing(NamedTuple):
 
     def pack(self, per_leaf: list) -> list:
         """Per-leaf arrays (or lists of one array per factor) → per-unit."""
-        import jax.numpy as jnp
-
         units = [per_leaf[i] for i in self.others]
         for group in self.groups:
             items = [per_leaf[i] for i in group]
@@ -550,8 +524,6 @@ class Packing(NamedTuple):
 
     def unpack(self, units: list, like: list) -> list:
         """Per-unit → per-leaf, shaped like the per-leaf ``like``."""
-        import numpy as np
-
         out = [None] * len(like)
         for i, unit in zip(self.others, units):
             out[i] = unit

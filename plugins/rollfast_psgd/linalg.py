@@ -8,6 +8,9 @@ Newton–Schulz polar projection onto ``(QᵀQ)^{1/2}``.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 PROBES = 32
 PROCRUSTES_MAX_STEP = 0.125
 NS_TOL = 1e-3  # XᵀX this close to I: one more Newton–Schulz step reaches float32 accuracy
@@ -41,8 +44,6 @@ def diagonal(a):
 
 
 def _power_bound(a, scale, probe):
-    import jax.numpy as jnp
-
     tiny = jnp.finfo(a.dtype).tiny
     a = a / scale
     row = a[jnp.argmax(jnp.sum(a * a, axis=1))]
@@ -70,8 +71,6 @@ def nlb_spd(a, probe):
     >>> nlb_spd(jnp.diag(jnp.array([4.0, 1.0])), jax.random.normal(jax.random.PRNGKey(0), (32, 2)))
     Array(4., dtype=float32)
     """
-    import jax.numpy as jnp
-
     return _power_bound(a, jnp.max(diagonal(a)) + jnp.finfo(a.dtype).tiny, probe)
 
 
@@ -87,8 +86,6 @@ def nlb_skh(a, probe):
     >>> nlb_skh(jnp.array([[0.0, 3.0], [-3.0, 0.0]]), jax.random.normal(jax.random.PRNGKey(0), (32, 2)))
     Array(3., dtype=float32)
     """
-    import jax.numpy as jnp
-
     return _power_bound(a, jnp.max(jnp.abs(a)) + jnp.finfo(a.dtype).tiny, probe)
 
 
@@ -113,8 +110,6 @@ def procrustes(q, probe):
     >>> bool(jnp.all(procrustes(q, jnp.ones((32, 2))) == q))
     True
     """
-    import jax.numpy as jnp
-
     tiny = jnp.finfo(q.dtype).tiny
     r = q.T - q
     r = r / (nlb_skh(r, probe) + tiny)
@@ -157,9 +152,6 @@ def ns_spd(q, probe, iters):
     Array([[2., 0.],
            [0., 2.]], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-
     from rollfast_psgd.factors import gram
 
     qtq = gram(q, 1, True)
@@ -208,8 +200,6 @@ def whitening_error(terms):
     Array([[1., 0.],
            [0., 1.]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     return sym(terms.t1) - terms.t2 * jnp.eye(terms.t1.shape[0], dtype=terms.t1.dtype)
 
 
@@ -239,9 +229,6 @@ def expm_taylor(a, norm):
     >>> jnp.abs(jnp.diagonal(e) / jnp.exp(jnp.array([0.1, -2.0])) - 1) < jnp.array([3e-7, 1e-5])
     Array([ True,  True], dtype=bool)
     """
-    import jax
-    import jax.numpy as jnp
-
     squarings = jnp.maximum(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / EXPM_THETA)), 0).astype(jnp.int32)
     b = a / jnp.exp2(squarings.astype(a.dtype))
     eye = jnp.eye(a.shape[0], dtype=a.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
+
 
 def precond_update_prob_schedule(max_prob=1.0, min_prob=0.03, decay=0.001, flat_start=500):
     r"""Probability of updating the preconditioner at step ``n`` (1 on the first step).
@@ -35,8 +37,6 @@ class _Schedule(NamedTuple):
     flat_start: int
 
     def __call__(self, n):
-        import jax.numpy as jnp
-
         n = jnp.asarray(n, jnp.float32)
         p = self.max_prob * jnp.exp(-self.decay * (n - self.flat_start))
         return jnp.minimum(jnp.maximum(p, self.min_prob), self.max_prob)

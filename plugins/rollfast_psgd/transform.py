@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rollfast.toolbox import all_finite, hashed_bits, resolve, sum_of_squares
 from rollfast_psgd.factors import MEMORY_SAVE_MODES, Packing, UpdateConfig, mode_spec
 from rollfast_psgd.linalg import PROBES
 from rollfast_psgd.schedule import precond_update_prob_schedule
@@ -122,13 +128,9 @@ def scale_by_kron(
     Array([[1., 1.],
            [1., 1.]], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from rollfast_clip import all_finite, sum_of_squares
 
-    spec = mode_spec(_mode_record(mode).impl)
-    rounding = _rounding(round)
+    spec = mode_spec(resolve("mode", mode, "kron", option="mode").impl)
+    rounding = resolve("round", round, default="nearest", option="round")
     if grad_clip_mode not in GRAD_CLIP_MODES:
         raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {grad_clip_mode!r}")
     if memory_save_mode not in MEMORY_SAVE_MODES:
@@ -333,27 +335,13 @@ def scale_by_kron(
     return optax.GradientTransformation(init, update)
 
 
-def _mode_record(mode):
-    if isinstance(mode, str):
-        import rollfast
-
-        return rollfast.registry().lookup("mode", mode, "kron")
-    return mode
-
-
-def _rounding(rule):
-    if rule is None or isinstance(rule, str):
-        import rollfast
-
-        return rollfast.registry().lookup("round", rule or "nearest").factory()
-    return rule
 
 
 def _normals(seeds, shapes):
     """Standard normal arrays of the given shapes from ``len(shapes) + 1`` pairs of uint32
     ``seeds``, deferred.
 
-    The bits are :func:`rollfast_rounding.hashed_bits`, a counter hash: threefry itself
+    The bits are :func:`rollfast.toolbox.hashed_bits`, a counter hash: threefry itself
     takes ~45 ms for the 4.9 M elements of the benchmark tree, the hash 0.4 ms. Arrays
     of fewer than ``POOL_LIMIT`` elements (small leaves, probes) are slices of one pooled
     draw (the last seed), computed now; the larger ones use their own seed and are
@@ -365,8 +353,6 @@ def _normals(seeds, shapes):
     Returns:
       ``draw``, a function of no arguments returning the list of arrays.
     """
-    import numpy as np
-    from rollfast_rounding import hashed_bits
 
     sizes = [int(np.prod(s)) for s in shapes]
     pooled = [i for i, size in enumerate(sizes) if size < POOL_LIMIT]
@@ -388,9 +374,6 @@ def _normals(seeds, shapes):
 def _draw_words(key, pairs):
     """``(next_key, words)``: ``pairs`` pairs of uint32 words, shape ``(pairs, 2)``, and a
     key to use next time, from one ``jax.random.bits`` call on ``key`` (raw or typed)."""
-    import jax
-    import jax.numpy as jnp
-
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     data = jax.random.key_data(key) if typed else key
     flat = jax.random.bits(key, (data.size + 2 * pairs,), jnp.uint32)
@@ -402,24 +385,15 @@ def _draw_words(key, pairs):
 
 def _unit(bits):
     """Uniform floats in ``[0, 1)`` from the 23 high bits of uint32 words."""
-    import jax
-    import jax.numpy as jnp
-
     return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1
 
 
 def _normal(bits):
     """``√2·erfinv(2u − 1)`` with ``u ∈ [0, 1)`` from the 23 high bits: N(0, 1)."""
-    import jax
-    import jax.numpy as jnp
-
     return jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2 * _unit(bits) - 1, jnp.nextafter(-1.0, 0.0)))
 
 
 def _scanned_flags(tree, scanned_layers, n) -> list[bool]:
-    import jax
-    import optax
-
     if scanned_layers is None:
         return [False] * n
     marks = scanned_layers(tree) if callable(scanned_layers) else scanned_layers

@@ -18,9 +18,11 @@ ulp survive in expectation (Gupta et al., 2015).
 
 from __future__ import annotations
 
-import math
+import jax
+import jax.numpy as jnp
 
 import rollfast
+from rollfast.toolbox import absent, as_key, leaf_keys, random_bits, resolve
 
 LOW_PRECISION = ("bfloat16", "float16")
 
@@ -59,8 +61,6 @@ class Stochastic:
     needs_key = True
 
     def cast(self, x, dtype, key=None):
-        import jax.numpy as jnp
-
         dtype = jnp.dtype(dtype)
         if dtype.name not in LOW_PRECISION or x.dtype == dtype:
             return x.astype(dtype)
@@ -74,8 +74,6 @@ class Stochastic:
 
 def sr_bf16(x, key):
     """Stochastically round ``x`` (any float) to bfloat16 with the random bits of ``key``."""
-    import jax
-    import jax.numpy as jnp
 
     x = x.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -86,46 +84,6 @@ def sr_bf16(x, key):
     noise = jnp.where(special, jnp.uint32(0), noise)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
-
-
-def random_bits(key, shape):
-    r"""Uniform ``uint32`` bits: a counter hash keyed by one threefry draw (stochastic
-    rounding, and the probe noise of ``kron``).
-
-    Element ``i`` gets :math:`h(h(\varphi i + s_1) \oplus s_2)` with ``h`` the
-    ``lowbias32`` integer hash (C. Wellons) and :math:`(s_1, s_2)` drawn from ``key``
-    with ``jax.random.bits``. Per element this is a handful of integer operations
-    instead of threefry's ~100, which would dominate a stochastic-rounding step on CPU.
-
-    >>> import jax
-    >>> b = random_bits(jax.random.PRNGKey(0), (100_000,))
-    >>> 0.49 < float((b >> 31).mean()) < 0.51 and 0.49 < float((b & 1).mean()) < 0.51
-    True
-    """
-    import jax
-    import jax.numpy as jnp
-
-    return hashed_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
-
-
-def hashed_bits(seeds, shape):
-    """The bits of :func:`random_bits` from its two ``uint32`` seeds (draw the seeds of
-    many arrays with one ``jax.random.bits`` call).
-
-    >>> import jax.numpy as jnp
-    >>> hashed_bits(jnp.array([1, 2], jnp.uint32), (3,)).dtype
-    dtype('uint32')
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def lowbias32(v):
-        v = (v ^ (v >> 16)) * jnp.uint32(0x7FEB352D)
-        v = (v ^ (v >> 15)) * jnp.uint32(0x846CA68B)
-        return v ^ (v >> 16)
-
-    count = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    return lowbias32(lowbias32(count * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
 
 
 def sr_narrow(x, dtype, key):
@@ -142,8 +100,6 @@ def sr_narrow(x, dtype, key):
     >>> sorted(set(y.tolist())), abs(float(y.mean()) - (1 + 2**-12)) < 2**-14
     ([1.0, 1.0009765625], True)
     """
-    import jax
-    import jax.numpy as jnp
 
     x = x.astype(jnp.float32)
     near = x.astype(dtype)
@@ -162,54 +118,7 @@ def as_rounding(rule):
     >>> as_rounding("Stochastic"), as_rounding(None)
     (Stochastic(), Nearest())
     """
-    if rule is None:
-        return Nearest()
-    if isinstance(rule, str):
-        return rollfast.registry().lookup("round", rule).factory()
-    return rule
-
-
-def leaf_keys(key, n: int) -> list:
-    """``n`` sub-keys of ``key``, one per flattened leaf position (``None`` included)."""
-    import jax
-
-    return list(jax.random.split(key, n)) if n else []
-
-
-def as_key(key):
-    """A raw ``uint32[2]`` PRNG key from an int seed, a raw key or a typed key.
-
-    >>> as_key(42).tolist() == as_key(__import__("jax").random.key(42)).tolist()
-    True
-    """
-    import jax
-    import jax.numpy as jnp
-
-    if isinstance(key, int):
-        return jax.random.PRNGKey(key)
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return key
-
-
-def absent(x) -> bool:
-    """Whether a tree position holds no array (``None`` or ``optax.MaskedNode``)."""
-    import optax
-
-    return x is None or isinstance(x, optax.MaskedNode)
-
-
-def is_float(x) -> bool:
-    """Whether a tree position holds a floating (or complex) array or scalar.
-
-    >>> import jax.numpy as jnp
-    >>> is_float(jnp.ones(2)), is_float(jnp.arange(2)), is_float(None)
-    (True, False, False)
-    """
-    import jax.numpy as jnp
-
-    return not absent(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    return resolve("round", rule, default="nearest", option="round")
 
 
 def apply_updates(params, updates, key=None, stochastic=True):
@@ -237,7 +146,6 @@ def apply_updates(params, updates, key=None, stochastic=True):
     >>> set(new.astype(float).tolist()) <= {1.0, 1.0078125}
     True
     """
-    import jax
 
     leaves, treedef = jax.tree.flatten(params, is_leaf=absent)
     return treedef.unflatten(_add(leaves, treedef.flatten_up_to(updates), key, stochastic))
@@ -263,14 +171,12 @@ def apply_updates_prefix(model, updates, key=None, stochastic=True):
     >>> new["w"], new["act"]["fn"] is print
     (Array([2., 2.], dtype=float32), True)
     """
-    import jax
 
     ups, treedef = jax.tree.flatten(updates, is_leaf=absent)
     return treedef.unflatten(_add(treedef.flatten_up_to(model), ups, key, stochastic))
 
 
 def _add(targets: list, ups: list, key, stochastic: bool) -> list:
-    import jax.numpy as jnp
 
     rounding = key is not None and stochastic
     keys = leaf_keys(as_key(key), len(targets)) if rounding else [None] * len(targets)

@@ -24,7 +24,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 import rollfast
+from rollfast.toolbox import absent, as_key, is_float, leaf_keys, resolve
 
 WEIGHTINGS = ("theoretical", "practical", "schedulet")
 KEY_TAG = 0x5346  # folded into the user's key, so the wrapper's stream differs from the family's
@@ -89,16 +94,12 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     >>> opt.update({"w": jnp.array([1.0, -2.0])}, opt.init(p), p)[0]["w"]   # step 1 = base step
     Array([-0.1,  0.1], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from rollfast_rounding import Stochastic, absent, as_key, as_rounding, is_float, leaf_keys
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
     if mode not in WEIGHTINGS:
         raise ValueError(f"weighting_mode must be one of {', '.join(map(repr, WEIGHTINGS))} "
                          f"(any case); got {weighting_mode!r}")
-    z_rounding, out_rounding = Stochastic(), as_rounding(round)
+    z_rounding, out_rounding = resolve("round", "stochastic"), resolve("round", round, default="nearest", option="round")
 
     def init(params):
         floats = [p.dtype for p in jax.tree.leaves(params) if is_float(p)]
@@ -170,9 +171,6 @@ def schedule_free_eval_params(state, params):
     >>> rollfast.schedule_free_eval_params(opt.init(p), p)["w"]
     Array([1., 1.], dtype=float32)
     """
-    import jax
-    import jax.numpy as jnp
-    from rollfast_rounding import absent
 
     if not (hasattr(state, "b1") and hasattr(state, "z")):
         raise ValueError("schedule_free_eval_params needs the Schedule-Free state itself (with "
@@ -217,8 +215,6 @@ def wsd_schedule(peak_lr, total_steps, warmup_fraction=0.1, decay_fraction=0.1):
     decay_len = max(final - stable_end + 1, 1)
 
     def schedule(count):
-        import jax.numpy as jnp
-
         n = jnp.asarray(count, jnp.float32)
         lr = jnp.where(n <= warmup, peak_lr * (n + 1) / (warmup + 1), peak_lr)
         lr = jnp.where(n > stable_end, peak_lr * (final - n + 1) / decay_len, lr)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import optax
+
 import rollfast
 
 
@@ -49,10 +53,6 @@ def scale_by_adamod(b1=0.9, b2=0.999, b3=0.999, eps=1e-8):
       b3: decay of the step-size bound (its memory is about ``1/(1-b3)`` steps).
       eps: added to the denominator.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     def init(params):
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return AdaModState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
@@ -91,8 +91,6 @@ def adamod(learning_rate, b1=0.9, b2=0.999, b3=0.999, eps=1e-8, weight_decay=0.0
     >>> u["w"]  # the first bound is (1 - b3)·η: a thousandth of Adam's first step
     Array([-1.e-04,  1.e-04], dtype=float32)
     """
-    import optax
-
     return optax.chain(scale_by_adamod(b1, b2, b3, eps),
                        optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(learning_rate))
@@ -119,10 +117,6 @@ def trust_ratio(inner, *, first_moment=None, trust_coefficient=1.0, trust_eps=1e
     >>> float(jnp.linalg.norm(u["w"]))
     0.5
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     def init(params):
         return TrustRatioState(inner.init(params))
 

@@ -19,6 +19,10 @@ Installed, it is ``rollfast.get("kron", mode="CAYLEY")``.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
 import rollfast
 
 
@@ -45,9 +49,6 @@ def cayley_dense(q, terms):
     Array([[0.333333, 0.      ],
            [0.      , 0.333333]], dtype=float32)
     """
-    import jax.scipy.linalg as jsl
-    import jax.numpy as jnp
-
     from rollfast_psgd.linalg import sym, whitening_error
 
     half = 0.5 * terms.eta * whitening_error(terms)
@@ -69,8 +70,6 @@ def cayley_reference(q, terms):
     >>> cayley_reference(np.eye(1), types.SimpleNamespace(t1=np.eye(1) * 2, t2=1.0, eta=1.0))
     array([[0.33333333]])
     """
-    import numpy as np
-
     eye = np.eye(q.shape[0])
     half = 0.5 * terms.eta * ((terms.t1 + terms.t1.T) / 2 - terms.t2 * eye)
     c = np.linalg.solve(eye + half, eye - half)

@@ -18,6 +18,8 @@ The result is the same matrix function, not an approximation of it.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 import rollfast
 
 INV_ROOT4_COEFFS = ((3.85003, -10.8539, 8.61893), (1.80992, -0.587778, 0.0647852),
@@ -53,8 +55,6 @@ def shape(t, d, *, gamma=1.0, gamma_l=None, gamma_r=None, eps_gram=1e-6, inv_ste
            [0., 1., 0.],
            [0., 0., 1.]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     gl = gamma if gamma_l is None else gamma_l
     gr = gamma if gamma_r is None else gamma_r
     gmax = max(gl, gr)
@@ -111,8 +111,6 @@ def _apply_inv_root4(gram, n, x, side, steps, eps_gram, inv_eps, mm):
     ``τ = 1.05 ‖H‖_F`` with ``‖H‖_F² = ‖G‖_F² + 2 ε_g tr G + n ε_g²`` (the same
     on either side); ``L = H/τ + ε_i I`` is driven to ``I`` by
     ``W = a I + b L + c L²``, ``L ← L W⁴``, while ``x ← W x``."""
-    import jax.numpy as jnp
-
     gram = _sym(gram)
     frob = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(gram)) + 2 * eps_gram * jnp.trace(gram)
                                 + n * eps_gram**2, 0.0))

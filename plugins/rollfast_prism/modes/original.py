@@ -12,6 +12,8 @@ with ``γ = 0`` it is Muon's ``orth(T)``.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 import rollfast
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -40,8 +42,6 @@ def shape(t, d, *, gamma=1.0, ns_iters=5):
            [0.  , 0.69, 0.  ],
            [0.  , 0.  , 0.69]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     static_zero = isinstance(gamma, (int, float)) and gamma == 0
     a = t if static_zero else jnp.concatenate([t, gamma * d], axis=0)
     return newton_schulz(a, ns_iters, rows=t.shape[0])
@@ -71,8 +71,6 @@ def newton_schulz(a, iters=5, rows=None):
     >>> bool((s > 0.6).all() and (s < 1.25).all())
     True
     """
-    import jax.numpy as jnp
-
     ca, cb, cc = NS_COEFFS
     rows = a.shape[0] if rows is None else rows
     tall = a.shape[0] > a.shape[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 import rollfast
 
 
@@ -33,8 +35,6 @@ def eq_dense(q, terms):
     Array([[ 0.5, -0.5],
            [ 0. ,  0.5]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     from rollfast_psgd.factors import along_upper
 
     return q - terms.eta * along_upper(jnp.triu(terms.t1 - terms.t2), q, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 import rollfast
 
 
@@ -29,8 +31,6 @@ def hyper_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     from rollfast_psgd.linalg import sym, whitening_error
 
     cap = 0.9 / (terms.bound - terms.t2 + jnp.finfo(jnp.float32).tiny)

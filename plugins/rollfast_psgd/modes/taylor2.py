@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 import rollfast
 
 
@@ -33,8 +35,6 @@ def taylor2_dense(q, terms):
     Array([[0.78125, 0.     ],
            [0.     , 0.78125]], dtype=float32)
     """
-    import jax.numpy as jnp
-
     from rollfast_psgd.linalg import sym, whitening_error
 
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
