@@ -2,17 +2,14 @@
 
 ``rollfast.kron``, ``prism``, ``adamw``, ``schedule_free_kron``,
 ``schedule_free_prism`` and ``schedule_free_adam`` take exactly the 0.2.1 keyword
-names and defaults (ALGORITHMS §9) and translate them to the registry spelling:
+names and defaults and translate them to the registry spelling:
 
-==============================================  =========================================
-0.2.1                                           ``rollfast.get``
-==============================================  =========================================
-``preconditioner_mode=``                        ``mode=``
-``use_magma=True, magma_p=, magma_tau=``        ``mask="magma", magma_p=, magma_tau=``
-``schedule_free_*(learning_rate, total_steps,   ``average="schedule_free",
-warmup_fraction, decay_fraction, ...)``         learning_rate=wsd_schedule(...)``
-``key=PRNGKey(42)``                             ``key=42`` (an int seed or a PRNG key)
-==============================================  =========================================
+| 0.2.1 | ``rollfast.get`` |
+|---|---|
+| ``preconditioner_mode=`` | ``mode=`` |
+| ``use_magma=True, magma_p=, magma_tau=`` | ``mask="magma", magma_p=, magma_tau=`` |
+| ``schedule_free_*(learning_rate, total_steps, warmup_fraction, decay_fraction, ...)`` | ``average="schedule_free", learning_rate=wsd_schedule(...)`` |
+| ``key=PRNGKey(42)`` | ``key=42`` (an int seed or a PRNG key) |
 
 ``axis_name`` of ``adamw``/``schedule_free_adam`` only served Magma in 0.2.1; it
 goes to the Magma mask when it is on and is otherwise unused. Magma keeps working
@@ -47,6 +44,9 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          magma_tau=2.0, axis_name=None, key=42):
     """PSGD Kron (rollfast 0.2.1 spelling) = ``rollfast.get("kron", mode=preconditioner_mode, ...)``.
 
+    Every argument not listed below goes unchanged to the ``kron`` family
+    (``rollfast info kron`` lists them).
+
     Args:
       preconditioner_update_probability: float or schedule; ``None``: the family's
         default ``precond_update_prob_schedule()``.
@@ -55,8 +55,6 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       magma_p: Magma keep probability.
       magma_tau: Magma score temperature.
       key: int seed or PRNG key (``None``: 42).
-      **others: every other argument goes unchanged to the ``kron`` family
-        (``rollfast info kron``).
 
     >>> import rollfast
     >>> callable(rollfast.kron)
@@ -74,14 +72,15 @@ def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask
           adam_eps=1e-8, prism_weight_dimension_numbers=None):
     """PRISM (rollfast 0.2.1 spelling) = ``rollfast.get("prism", ...)``.
 
+    Every argument not listed below goes unchanged to the ``prism`` family
+    (``rollfast info prism`` lists them).
+
     Args:
       precision: matmul precision (``"highest"`` is ``jax.lax.Precision.HIGHEST``).
       use_magma: wrap with ``mask="magma"``.
       magma_p: Magma keep probability.
       magma_tau: Magma score temperature.
       key: int seed or PRNG key (``None``: 42).
-      **others: every other argument goes unchanged to the ``prism`` family
-        (``rollfast info prism``).
 
     >>> import rollfast
     >>> callable(rollfast.prism)
@@ -141,6 +140,9 @@ def schedule_free_kron(learning_rate, total_steps, warmup_fraction=0.1, decay_fr
     The momentum-free preconditioner is applied to the raw gradient; the
     Schedule-Free interpolation plays the role of momentum.
 
+    Every argument not listed below goes unchanged to the ``kron`` family
+    (``rollfast info kron`` lists them).
+
     Args:
       learning_rate: peak of the WSD schedule.
       total_steps: length of the WSD schedule.
@@ -152,7 +154,6 @@ def schedule_free_kron(learning_rate, total_steps, warmup_fraction=0.1, decay_fr
       preconditioner_update_probability: float or schedule; ``None``: the family default.
       preconditioner_mode: the geometry, passed as ``mode``.
       key: int seed or PRNG key (``None``: 42).
-      **others: every other argument goes unchanged to the ``kron`` family.
 
     >>> import rollfast
     >>> callable(rollfast.schedule_free_kron)
@@ -177,6 +178,9 @@ def schedule_free_prism(learning_rate, total_steps, warmup_fraction=0.1, decay_f
     for every leaf; as both schedules have the same shape, the weights
     :math:`c_t` agree with per-branch weights for every weighting.
 
+    Every argument not listed below goes unchanged to the ``prism`` family
+    (``rollfast info prism`` lists them).
+
     Args:
       learning_rate: peak of the WSD schedule.
       total_steps: length of the WSD schedule.
@@ -188,7 +192,6 @@ def schedule_free_prism(learning_rate, total_steps, warmup_fraction=0.1, decay_f
       prism_b1: PRISM momentum, passed as ``b1``.
       adam_learning_rate: peak of the fallback's WSD schedule (``None``: ``learning_rate``).
       key: int seed or PRNG key (``None``: 42).
-      **others: every other argument goes unchanged to the ``prism`` family.
 
     >>> import rollfast
     >>> callable(rollfast.schedule_free_prism)
