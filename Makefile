@@ -1,15 +1,16 @@
-# One command each: `make demo` (set up, list the registry, train a small model) and `make test`.
+# One command each: `make demo` (set up, list the registry, train a small model) and `make test`
+# (the docs site built with `mkdocs build --strict`, then the whole suite).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 LOCAL_PLUGINS := $(wildcard contrib/example-plugin contrib/kron-cayley)
 
-.PHONY: setup demo test bench
+.PHONY: setup demo docs test bench
 
 $(BIN)/rollfast: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' $(addprefix -e ./,$(LOCAL_PLUGINS))
+	$(BIN)/pip install -q -e '.[test,docs]' $(addprefix -e ./,$(LOCAL_PLUGINS))
 	touch $@
 
 setup: $(BIN)/rollfast
@@ -18,7 +19,10 @@ demo: setup
 	$(BIN)/rollfast list
 	$(BIN)/python examples/quickstart.py
 
-test: setup
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: docs
 	$(BIN)/python -m pytest -q -n auto
 
 bench: setup
