@@ -147,7 +147,22 @@ def normuon(learning_rate, b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-
             adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, weight_decay_mask=None):
     r"""NorMuon: ``-lr·(NorMuon direction + λθ)``; AdamW on leaves of rank < 2.
 
-    Steps with non-finite gradients are skipped.
+    A leaf of rank ≥ 2 is viewed as a matrix with one row per output neuron
+    (``neuron_axis`` first, the other axes merged). Its momentum is orthogonalised
+    by Newton–Schulz (:func:`newton_schulz`), normalised row by row by a second
+    moment of the orthogonalised rows, and rescaled to a fixed RMS:
+
+    .. math::
+        M_t = \beta_1 M_{t-1} + (1-\beta_1)\,G_t,\qquad O_t = \mathrm{NS}(M_t),\\
+        v_t = \beta_2 v_{t-1} + (1-\beta_2)\,\operatorname{mean}_j (O_t\odot O_t)_{:,j},\qquad
+        \hat O_t = \operatorname{diag}(\sqrt{v_t}+\epsilon)^{-1}\,O_t,\\
+        u_t = -\eta_t\Big(\rho\,\sqrt{mn}\,\frac{\hat O_t}{\lVert\hat O_t\rVert_F}
+              + \lambda\theta_{t-1}\Big)
+
+    for an :math:`m\times n` view, so the direction's RMS is ρ = ``rms_scale``
+    (0.2, about AdamW's, which lets one learning rate serve both paths). Leaves of
+    rank < 2 take AdamW's step with ``adam_b1, adam_b2, adam_eps``. Steps with
+    non-finite gradients are skipped.
 
     Args:
       learning_rate: step size, a float or an Optax schedule (one for both paths).
@@ -164,12 +179,40 @@ def normuon(learning_rate, b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-
       weight_decay: decoupled weight decay λ (float or schedule).
       weight_decay_mask: pytree or callable ``params -> bool pytree``: where to decay.
 
-    >>> import jax.numpy as jnp, rollfast
-    >>> opt = rollfast.get("normuon", learning_rate=0.1)
-    >>> p = {"w": jnp.eye(2)}
-    >>> u = opt.update({"w": jnp.diag(jnp.array([3.0, 1.0]))}, opt.init(p), p)[0]["w"]
-    >>> float(jnp.sqrt(jnp.mean(u**2)))  # 0.1 · RMS 0.2
-    0.02
+    Returns:
+      An ``optax.GradientTransformation`` (:func:`scale_by_normuon`, decoupled
+      weight decay and the learning rate) that returns zero updates and keeps its
+      state on a step whose gradients are not all finite. ``update`` needs ``params``.
+
+    References:
+      Li et al., *NorMuon: Making Muon more efficient and scalable*, 2025,
+      https://arxiv.org/abs/2510.05491
+
+      Jordan et al., *Muon: An optimizer for hidden layers in neural networks*,
+      2024, https://kellerjordan.github.io/posts/muon/
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, rollfast
+      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+      >>> def loss(params):
+      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
+      >>> opt = rollfast.get("normuon", learning_rate=0.3)
+      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> @jax.jit
+      ... def train_step(params, state):
+      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...   return optax.apply_updates(params, updates), state
+      >>> print(0, round(float(loss(params)), 4))
+      0 15.5
+      >>> for step in range(1, 41):
+      ...   params, state = train_step(params, state)
+      ...   if step % 10 == 0:
+      ...     print(step, round(float(loss(params)), 4))
+      10 7.6584
+      20 4.0204
+      30 1.2346
+      40 0.3689
     """
     return decoupled(scale_by_normuon(b1, b2, eps, ns_steps, neuron_axis, rms_scale, adam_b1,
                                       adam_b2, adam_eps),
