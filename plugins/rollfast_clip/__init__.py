@@ -4,7 +4,7 @@ Registered as an automatic mask (``auto=True``, ``order=-100``): ``rollfast.get`
 adds it, right next to the family, whenever one of its options is given and the
 family does not take that option itself (``kron`` and ``prism`` clip inside).
 
-Two stages around the wrapped optimizer (ALGORITHMS §1.5, §1.9, §4.4):
+Two stages around the wrapped optimizer (the same as ``kron`` and ``prism`` apply inside):
 
 1. *Raw global-norm spike clip* on the incoming gradient, before the family:
    with :math:`N = \lVert g\rVert_2` over all leaves, a spike :math:`N > c` is
@@ -49,7 +49,12 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
          grad_clip_max_amps=(2.0, 10.0), axis_name=None):
     r"""Spike protection on the gradient and RMS/element clipping of the update.
 
-    With :math:`\eta_t` the learning rate and :math:`(a, e)` = ``grad_clip_max_amps``:
+    Before the wrapped optimizer, with :math:`N = \lVert g\rVert_2` over all leaves
+    and :math:`c` = ``raw_global_grad_clip``, a spike :math:`N > c` is rescaled
+    (:math:`g \leftarrow g\,c/N`) or, with ``permissive_spike_protection=False``,
+    the step is skipped (zero update, wrapped state unchanged). After it, the
+    update :math:`u` is clipped; with :math:`\eta_t` the learning rate and
+    :math:`(a, e)` = ``grad_clip_max_amps``:
 
     .. math::
         \text{per\_tensor\_rms:}\quad u \leftarrow \operatorname{clip}\Big(
@@ -58,7 +63,14 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
         \text{global\_rms:}\quad u \leftarrow u\,\min\big(1,
             \tfrac{a|\eta_t|}{\operatorname{rms}_{\text{all leaves}}(u)}\big)
 
+    so the caps apply to the direction :math:`u/\eta_t` (a family without a
+    learning rate is clipped on :math:`u` itself). A non-finite gradient skips the
+    step like a spike. ``rollfast.get`` adds this wrapper whenever one of its
+    options is given to a family that does not take it itself.
+
     Args:
+      inner: the optimizer to wrap (given by ``rollfast.get``).
+      first_moment: unused (part of the mask contract).
       learning_rate: the family's learning rate (float or schedule), filled in by
         ``rollfast.get``; the caps are relative to it.
       raw_global_grad_clip: spike threshold on the global L2 norm of the raw
@@ -71,11 +83,46 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
         number ``a`` means ``(a, 10.0)``; ``None`` disables update clipping.
       axis_name: pmap/shard_map axis over which norms are summed.
 
-    >>> import jax.numpy as jnp, rollfast
-    >>> opt = rollfast.get("adamw", learning_rate=0.1, weight_decay=0.0, raw_global_grad_clip=1.0)
-    >>> p = {"w": jnp.zeros(2)}
-    >>> opt.update({"w": jnp.array([30.0, -40.0])}, opt.init(p), p)[0]["w"]
-    Array([-0.1,  0.1], dtype=float32)
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`ClipState` holding the wrapped state in ``inner_state``.
+
+    References:
+      Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent neural
+      networks*, ICML 2013 (global-norm clipping), https://arxiv.org/abs/1211.5063
+
+      Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory
+      Cost*, ICML 2018 (clipping the update by its RMS), https://arxiv.org/abs/1804.04235
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, rollfast
+      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+      >>> def loss(params):
+      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
+      >>> opt = rollfast.get("adamw", learning_rate=0.05, raw_global_grad_clip=1.0)
+      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> @jax.jit
+      ... def train_step(params, state):
+      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...   return optax.apply_updates(params, updates), state
+      >>> print(0, round(float(loss(params)), 4))
+      0 15.5
+      >>> for step in range(1, 41):
+      ...   params, state = train_step(params, state)
+      ...   if step % 10 == 0:
+      ...     print(step, round(float(loss(params)), 4))
+      10 9.0083
+      20 5.011
+      30 2.4915
+      40 0.915
+
+      A spike of norm 50 is rescaled to norm 1 before AdamW sees it:
+
+      >>> opt = rollfast.get("adamw", learning_rate=0.1, weight_decay=0.0, raw_global_grad_clip=1.0)
+      >>> p = {"w": jnp.zeros(2)}
+      >>> opt.update({"w": jnp.array([30.0, -40.0])}, opt.init(p), p)[0]["w"]
+      Array([-0.1,  0.1], dtype=float32)
     """
     del first_moment
     clip_update = update_clipper(grad_clip_mode, grad_clip_max_amps, axis_name)

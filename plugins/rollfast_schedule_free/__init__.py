@@ -1,7 +1,7 @@
 r"""Schedule-Free averaging around any optimizer, and the WSD learning-rate schedule.
 
 Defazio et al., "The Road Less Scheduled" (arXiv:2405.15682); Pun, Buchholz,
-Gower, "Schedulers for Schedule-free" (arXiv:2511.07767); ALGORITHMS §6.
+Gower, "Schedulers for Schedule-free" (arXiv:2511.07767).
 
 Three sequences: :math:`z` follows the wrapped optimizer, :math:`x` is a weighted
 average of the :math:`z` iterates (evaluate there), and the parameters the user
@@ -59,25 +59,35 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
                   state_dtype=None, round="stochastic", key=42):
     r"""Schedule-Free averaging: hold y, step z with the wrapped optimizer, evaluate at the average x.
 
-    Per step, with :math:`\beta = \max(b_1, 10^{-8})`, :math:`\Delta` the wrapped
-    optimizer's update at :math:`y_t` and :math:`c_t` as in the module docstring,
-    the returned update is
+    Three sequences: :math:`z` follows the wrapped optimizer, :math:`x` is a
+    weighted average of the :math:`z` iterates, and the parameters the user holds
+    (where gradients are taken) are :math:`y = (1-\beta) z + \beta x`. Per step,
+    with :math:`\Delta_t` the wrapped optimizer's update at :math:`y_t` (already
+    scaled by :math:`-\gamma_t`) and :math:`\beta = \max(b_1, 10^{-8})`:
 
     .. math::
-        y_{t+1} - y_t = (1-\beta)(1-c_t)\,(z_{t+1}-z_t) + c_t\,(z_{t+1} - y_t),
+        z_{t+1} = z_t + \Delta_t,\qquad
+        c_t = \frac{w_t}{\sum_{s\le t} w_s},\quad
+        w_t = 1,\ \gamma_t\ \text{or}\ \gamma_t^2,\qquad
+        x_{t+1} = (1-c_t)\,x_t + c_t\,z_{t+1},\\
+        y_{t+1} - y_t = (1-\beta)(1-c_t)\,(z_{t+1}-z_t) + c_t\,(z_{t+1} - y_t)
 
-    the closed form of :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}`. ``z`` is
-    stored in ``state_dtype`` (default: the lowest-precision float dtype among the
-    params); bfloat16/float16 ``z`` is always written with stochastic rounding (it
-    accumulates the small steps that round-to-nearest would lose). The ``round``
-    rule writes the returned update in a low-precision parameter dtype. ``params``
-    must be passed to ``update``. Non-finite entries of :math:`\Delta` (from a
-    non-finite gradient) are dropped: ``z`` keeps those entries and ``y`` only moves
-    there by the averaging term, so ``z`` and ``y`` stay finite. The wrapped
-    optimizer's state is its own business (add a ``clip`` option, e.g.
-    ``raw_global_grad_clip``, to skip such steps in the family too).
+    (``theoretical``, ``schedulet`` or ``practical`` weighting); the last line,
+    which is the returned update, is the closed form of
+    :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}`. The first step is the
+    wrapped optimizer's own. ``z`` is stored in ``state_dtype`` (default: the
+    lowest-precision float dtype among the params); bfloat16/float16 ``z`` is
+    always written with stochastic rounding (it accumulates the small steps that
+    round-to-nearest would lose). The ``round`` rule writes the returned update in
+    a low-precision parameter dtype. Non-finite entries of :math:`\Delta_t` are
+    dropped: ``z`` keeps those entries and ``y`` only moves there by the averaging
+    term, so ``z`` and ``y`` stay finite. The wrapped optimizer's state is its own
+    business (add a ``clip`` option, e.g. ``raw_global_grad_clip``, to skip such
+    steps in the family too). Evaluate at :math:`x` with
+    :func:`schedule_free_eval_params`.
 
     Args:
+      inner: the optimizer to wrap (given by ``rollfast.get``).
       learning_rate: the family's learning rate (float or schedule), filled in by
         ``rollfast.get``; it defines the weights.
       weighting_mode: ``"schedulet"`` (:math:`w_t=\gamma_t`), ``"practical"``
@@ -88,11 +98,47 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         parameter dtype.
       key: int seed or PRNG key for the stochastic rounding of low-precision z.
 
-    >>> import jax.numpy as jnp, rollfast
-    >>> opt = rollfast.get("adamw", learning_rate=0.1, weight_decay=0.0, average="schedule_free")
-    >>> p = {"w": jnp.zeros(2)}
-    >>> opt.update({"w": jnp.array([1.0, -2.0])}, opt.init(p), p)[0]["w"]   # step 1 = base step
-    Array([-0.1,  0.1], dtype=float32)
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`ScheduleFreeState` holding the wrapped state in ``inner_state``.
+      ``update`` needs ``params``.
+
+    Raises:
+      ValueError: an unknown ``weighting_mode``, or ``update`` called without ``params``.
+
+    References:
+      Defazio et al., *The Road Less Scheduled*, NeurIPS 2024,
+      https://arxiv.org/abs/2405.15682
+
+      Pun, Buchholz & Gower, *Schedulers for Schedule-free*, 2025,
+      https://arxiv.org/abs/2511.07767
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, rollfast
+      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+      >>> def loss(params):
+      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
+      >>> opt = rollfast.get("adamw", learning_rate=0.2, b1=0.0, average="schedule_free")
+      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> @jax.jit
+      ... def train_step(params, state):
+      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...   return optax.apply_updates(params, updates), state
+      >>> print(0, round(float(loss(params)), 4))
+      0 15.5
+      >>> for step in range(1, 41):
+      ...   params, state = train_step(params, state)
+      ...   if step % 10 == 0:   # evaluate at the average x, not at the held y
+      ...     x = rollfast.schedule_free_eval_params(state, params)
+      ...     print(step, round(float(loss(x)), 4))
+      10 4.986
+      20 1.58
+      30 0.3464
+      40 0.0493
+
+      Use it over a base without momentum (``b1=0``, as here): the averaging takes
+      momentum's place.
     """
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
