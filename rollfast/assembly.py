@@ -1,6 +1,6 @@
 """``rollfast.get``: resolve named parts through the registry and build one Optax chain.
 
-Canonical order (DESIGN.md)::
+The chain, outermost first::
 
     average( masks( family(mode, partition, round) ) )
 

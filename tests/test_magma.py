@@ -1,4 +1,4 @@
-"""Magma update masking (ALGORITHMS §5): float64 reference, invariants, randomness, attenuation."""
+"""Magma update masking (docs/magma.md): float64 reference, invariants, randomness, attenuation."""
 
 import jax
 import jax.numpy as jnp

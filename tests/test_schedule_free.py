@@ -1,4 +1,4 @@
-"""Schedule-Free averaging and the WSD schedule (ALGORITHMS §6)."""
+"""Schedule-Free averaging and the WSD schedule (docs/schedule_free.md)."""
 
 import jax
 import jax.numpy as jnp
