@@ -6,7 +6,9 @@ rendering this extension rewrites, in every docstring it loads:
 
 * a ``.. math::`` block (the directive and the lines indented under it) into a
   ``$$ … $$`` block at the directive's indentation, blank lines dropped, which
-  ``pymdownx.arithmatex`` hands to MathJax;
+  ``pymdownx.arithmatex`` hands to MathJax; a block with line breaks (``\\``) is
+  wrapped in ``aligned`` (if it has ``&``) or ``gathered``, as Sphinx does, since
+  MathJax ignores a bare ``\\`` in display maths;
 * ``:math:`x``` into ``$x$``;
 * cross-reference roles (``:func:`f```, ``:class:`C```, ...) into code spans;
 * a paragraph ending in ``::`` (a reST literal block follows) into one ending in ``:``;
@@ -28,12 +30,14 @@ _DIRECTIVE = re.compile(r"^(\s*)\.\. math::\s*$")
 def rest_to_markdown(text: str) -> str:
     """Rewrite the reST constructs listed in the module docstring.
 
-    >>> print(rest_to_markdown("Step :math:`x`::\\n\\n.. math::\\n    a = b\\n\\n    c\\nEnd"))
+    >>> print(rest_to_markdown("Step :math:`x`::\\n\\n.. math::\\n    a = b \\\\\\\\\\n\\n    c\\nEnd"))
     Step $x$:
     <BLANKLINE>
     $$
-    a = b
+    \\begin{gathered}
+    a = b \\\\
     c
+    \\end{gathered}
     $$
     <BLANKLINE>
     End
@@ -48,7 +52,7 @@ def rest_to_markdown(text: str) -> str:
         if directive is not None:
             pad = directive.group(1)
             i, body = _math_body(lines, i + 1, len(pad))
-            out += _block(out, pad + "$$", [pad + line for line in body if line.strip()], pad + "$$")
+            out += _block(out, pad + "$$", [pad + line for line in _environment(body)], pad + "$$")
         elif lines[i].lstrip().startswith(">>>"):
             pad = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
             end = i
@@ -69,6 +73,16 @@ def _block(before: list[str], opening: str, body: list[str], closing: str) -> li
     """``body`` between ``opening`` and ``closing``, set off by blank lines."""
     lead = [""] if before and before[-1].strip() else []
     return [*lead, opening, *body, closing, ""]
+
+
+def _environment(body: list[str]) -> list[str]:
+    """The non-blank lines of a math block, in ``aligned``/``gathered`` if they break lines."""
+    body = [line for line in body if line.strip()]
+    text = "\n".join(body)
+    if "\\\\" not in text or "\\begin{" in text:
+        return body
+    env = "aligned" if "&" in text else "gathered"
+    return [f"\\begin{{{env}}}", *body, f"\\end{{{env}}}"]
 
 
 def _math_body(lines: list[str], start: int, indent: int) -> tuple[int, list[str]]:

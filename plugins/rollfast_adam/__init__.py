@@ -143,7 +143,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
       key: seed or PRNG key for stochastic moment writes.
 
     Returns:
-      An ``optax.GradientTransformation``: :func:`scale_by_adam` followed by
+      An ``optax.GradientTransformation``, :func:`scale_by_adam` followed by
       ``optax.scale_by_learning_rate``. Its state is a tuple whose first entry is
       a :class:`ScaleByAdamState`.
 
@@ -210,7 +210,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
       key: seed or PRNG key for stochastic moment writes.
 
     Returns:
-      An ``optax.GradientTransformation``: :func:`scale_by_adam`,
+      An ``optax.GradientTransformation`` chaining :func:`scale_by_adam`,
       ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``. Its state
       is a tuple whose first entry is a :class:`ScaleByAdamState`. ``update`` needs
       ``params``.
