@@ -101,6 +101,11 @@ def _math_body(lines: list[str], start: int, indent: int) -> tuple[int, list[str
 class RestMath(griffe.Extension):
     """Apply :func:`rest_to_markdown` to every docstring griffe loads."""
 
+    def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
+        """The top-level package (``on_object`` only sees its members)."""
+        self.on_object(obj=pkg)
+
     def on_object(self, *, obj: griffe.Object, **kwargs) -> None:
+        """Every module, class, function and attribute below a package."""
         if obj.docstring is not None:
             obj.docstring.value = rest_to_markdown(obj.docstring.value)
