@@ -56,9 +56,10 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       magma_tau: Magma score temperature.
       key: int seed or PRNG key (``None``: 42).
 
-    >>> import rollfast
-    >>> callable(rollfast.kron)
-    True
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.kron(learning_rate=3e-4, preconditioner_mode="EXP", use_magma=True)
+    >>> type(opt.init({"w": jnp.ones((2, 2))})).__name__   # rollfast.get("kron", mode="EXP", mask="magma")
+    'MagmaState'
     """
     return _kron(_magma(dict(locals())))
 
@@ -82,9 +83,10 @@ def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask
       magma_tau: Magma score temperature.
       key: int seed or PRNG key (``None``: 42).
 
-    >>> import rollfast
-    >>> callable(rollfast.prism)
-    True
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.prism(learning_rate=1e-3, use_magma=True)
+    >>> type(opt.init({"w": jnp.ones((2, 2))})).__name__   # rollfast.get("prism", mask="magma")
+    'MagmaState'
     """
     return _get("prism", _magma(dict(locals())))
 
@@ -155,9 +157,11 @@ def schedule_free_kron(learning_rate, total_steps, warmup_fraction=0.1, decay_fr
       preconditioner_mode: the geometry, passed as ``mode``.
       key: int seed or PRNG key (``None``: 42).
 
-    >>> import rollfast
-    >>> callable(rollfast.schedule_free_kron)
-    True
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.schedule_free_kron(1e-3, total_steps=1000, sf_b1=0.95)
+    >>> state = opt.init({"w": jnp.ones((2, 2))})
+    >>> type(state).__name__, round(float(state.b1), 4)
+    ('ScheduleFreeState', 0.95)
     """
     return _kron(_schedule_free(dict(locals())) | {"b1": 0.0, "whiten_grad": True})
 
@@ -193,9 +197,11 @@ def schedule_free_prism(learning_rate, total_steps, warmup_fraction=0.1, decay_f
       adam_learning_rate: peak of the fallback's WSD schedule (``None``: ``learning_rate``).
       key: int seed or PRNG key (``None``: 42).
 
-    >>> import rollfast
-    >>> callable(rollfast.schedule_free_prism)
-    True
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.schedule_free_prism(1e-3, total_steps=1000, sf_b1=0.95)
+    >>> state = opt.init({"w": jnp.ones((2, 2))})
+    >>> type(state).__name__, round(float(state.b1), 4)
+    ('ScheduleFreeState', 0.95)
     """
     options = _schedule_free(dict(locals()))
     if adam_learning_rate is not None:
