@@ -49,12 +49,12 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
          grad_clip_max_amps=(2.0, 10.0), axis_name=None):
     r"""Spike protection on the gradient and RMS/element clipping of the update.
 
-    Before the wrapped optimizer, with :math:`N = \lVert g\rVert_2` over all leaves
-    and :math:`c` = ``raw_global_grad_clip``, a spike :math:`N > c` is rescaled
-    (:math:`g \leftarrow g\,c/N`) or, with ``permissive_spike_protection=False``,
-    the step is skipped (zero update, wrapped state unchanged). After it, the
-    update :math:`u` is clipped; with :math:`\eta_t` the learning rate and
-    :math:`(a, e)` = ``grad_clip_max_amps``:
+    Before the wrapped optimizer, a gradient whose global norm :math:`N` exceeds
+    :math:`c` = ``raw_global_grad_clip`` is rescaled by :math:`c/N` or, with
+    ``permissive_spike_protection=False``, its step is skipped, as is a step with a
+    non-finite gradient (zero update, wrapped state unchanged). After it, with
+    :math:`\eta_t` the learning rate and :math:`(a, e)` = ``grad_clip_max_amps``,
+    the update is clipped so that the caps apply to the direction :math:`u/\eta_t`:
 
     .. math::
         \text{per\_tensor\_rms:}\quad u \leftarrow \operatorname{clip}\Big(
@@ -62,11 +62,6 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
             -e|\eta_t|, e|\eta_t|\Big)\ \text{per leaf};\qquad
         \text{global\_rms:}\quad u \leftarrow u\,\min\big(1,
             \tfrac{a|\eta_t|}{\operatorname{rms}_{\text{all leaves}}(u)}\big)
-
-    so the caps apply to the direction :math:`u/\eta_t` (a family without a
-    learning rate is clipped on :math:`u` itself). A non-finite gradient skips the
-    step like a spike. ``rollfast.get`` adds this wrapper whenever one of its
-    options is given to a family that does not take it itself.
 
     Args:
       inner: the optimizer to wrap (given by ``rollfast.get``).
@@ -126,6 +121,14 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
     """
     del first_moment
     clip_update = update_clipper(grad_clip_mode, grad_clip_max_amps, axis_name)
+    return _clipped(inner, learning_rate=learning_rate, raw_global_grad_clip=raw_global_grad_clip,
+                    permissive_spike_protection=permissive_spike_protection, clip_update=clip_update,
+                    axis_name=axis_name)
+
+
+def _clipped(inner, *, learning_rate, raw_global_grad_clip, permissive_spike_protection, clip_update,
+             axis_name):
+    """The transformation that :func:`clip` documents, its update clipper built."""
 
     def init(params):
         return ClipState(inner.init(params), jnp.zeros([], jnp.int32))

@@ -138,6 +138,12 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
         raise ValueError(f"magma_p must be in [0, 1]; got {magma_p}")
     if not magma_tau > 0.0:
         raise ValueError(f"magma_tau must be > 0; got {magma_tau}")
+    return _masked(inner, first_moment=first_moment, magma_p=magma_p, magma_tau=magma_tau, key=key,
+                   axis_name=axis_name)
+
+
+def _masked(inner, *, first_moment, magma_p, magma_tau, key, axis_name):
+    """The transformation that :func:`magma` documents, its options checked."""
 
     def family_moment(inner_state):
         return first_moment(inner_state) if first_moment is not None else None

@@ -72,18 +72,10 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         x_{t+1} = (1-c_t)\,x_t + c_t\,z_{t+1},\\
         y_{t+1} - y_t = (1-\beta)(1-c_t)\,(z_{t+1}-z_t) + c_t\,(z_{t+1} - y_t)
 
-    (``theoretical``, ``schedulet`` or ``practical`` weighting); the last line,
-    which is the returned update, is the closed form of
-    :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}`. The first step is the
-    wrapped optimizer's own. ``z`` is stored in ``state_dtype`` (default: the
-    lowest-precision float dtype among the params); bfloat16/float16 ``z`` is
-    always written with stochastic rounding (it accumulates the small steps that
-    round-to-nearest would lose). The ``round`` rule writes the returned update in
-    a low-precision parameter dtype. Non-finite entries of :math:`\Delta_t` are
-    dropped: ``z`` keeps those entries and ``y`` only moves there by the averaging
-    term, so ``z`` and ``y`` stay finite. The wrapped optimizer's state is its own
-    business (add a ``clip`` option, e.g. ``raw_global_grad_clip``, to skip such
-    steps in the family too). Evaluate at :math:`x` with
+    (``theoretical``, ``schedulet`` or ``practical`` weighting); the returned update,
+    the last line, is :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}` in closed
+    form. Low-precision ``z`` is written with stochastic rounding; non-finite entries
+    of :math:`\Delta_t` are dropped. Evaluate at :math:`x` with
     :func:`schedule_free_eval_params`.
 
     Args:
@@ -94,14 +86,12 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         (:math:`\gamma_t^2`) or ``"theoretical"`` (1, a uniform average); any case.
       sf_b1: interpolation β between the average x (β) and z (1 − β).
       state_dtype: dtype of the stored z sequence (``None``: lowest-precision param dtype).
-      round: rounding rule (name or object) for writing the update in a low-precision
-        parameter dtype.
+      round: rounding rule (name or object) writing the update in a low-precision param dtype.
       key: int seed or PRNG key for the stochastic rounding of low-precision z.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`ScheduleFreeState` holding the wrapped state in ``inner_state``.
-      ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` whose :class:`ScheduleFreeState`
+      holds the wrapped state in ``inner_state``; ``update`` needs ``params``.
 
     Raises:
       ValueError: an unknown ``weighting_mode``, or ``update`` called without ``params``.
@@ -136,9 +126,6 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
       20 1.58
       30 0.3464
       40 0.0493
-
-      Use it over a base without momentum (``b1=0``, as here): the averaging takes
-      momentum's place.
     """
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
@@ -146,6 +133,12 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
         raise ValueError(f"weighting_mode must be one of {', '.join(map(repr, WEIGHTINGS))} "
                          f"(any case); got {weighting_mode!r}")
     z_rounding, out_rounding = resolve("round", "stochastic"), resolve("round", round, default="nearest", option="round")
+    return _averaged(inner, learning_rate=learning_rate, mode=mode, sf_b1=sf_b1, state_dtype=state_dtype,
+                     z_rounding=z_rounding, out_rounding=out_rounding, key=key)
+
+
+def _averaged(inner, *, learning_rate, mode, sf_b1, state_dtype, z_rounding, out_rounding, key):
+    """The transformation that :func:`schedule_free` documents, its options resolved."""
 
     def init(params):
         floats = [p.dtype for p in jax.tree.leaves(params) if is_float(p)]
