@@ -161,6 +161,9 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
       block_size: elements per quantisation block (the paper: 2048; 256 is finer).
       min_8bit_size: leaves with fewer elements keep float32 moments.
 
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdam8bitState`.
+
     >>> import jax.numpy as jnp
     >>> tx = scale_by_adam_8bit(min_8bit_size=0)
     >>> u, s = tx.update(jnp.array([2.0, -3.0]), tx.init(jnp.zeros(2)))

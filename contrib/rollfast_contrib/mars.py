@@ -55,6 +55,9 @@ def scale_by_mars(b1=0.95, b2=0.99, eps=1e-8, gamma=0.025, max_grad_norm=1.0, va
         rescaled to norm κ (``None``: no clipping).
       variant: ``"adamw"`` or ``"lion"``.
 
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByMarsState`.
+
     >>> import jax.numpy as jnp
     >>> tx = scale_by_mars()
     >>> u, _ = tx.update(jnp.array([0.3, -0.4]), tx.init(jnp.zeros(2)))

@@ -98,6 +98,9 @@ def scale_by_normuon(b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-1, rms
       adam_b2: Adam's β2 for leaves of rank < 2.
       adam_eps: Adam's ε for leaves of rank < 2.
 
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByNorMuonState`.
+
     >>> import jax, jax.numpy as jnp
     >>> tx = scale_by_normuon()
     >>> g = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 4)), "b": jnp.array([2.0, -3.0])}

@@ -45,6 +45,9 @@ def scale_by_qhadam(b1=0.995, b2=0.999, nu1=0.7, nu2=1.0, eps=1e-8):
       nu2: weight ν2 of the second moment against the squared gradient.
       eps: added to the denominator.
 
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByQHAdamState`.
+
     >>> import jax.numpy as jnp
     >>> tx = scale_by_qhadam()
     >>> u, _ = tx.update(jnp.array([2.0, -3.0]), tx.init(jnp.zeros(2)))

@@ -60,6 +60,9 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
       key: seed or PRNG key for stochastic writes (the key only advances when
         moments are stored below float32).
 
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdamState`.
+
     With ``b1 = 0`` the first moment is the gradient itself and is not stored
     (``state.mu`` is ``None``), as Schedule-Free AdamW uses Adam.
 
