@@ -55,7 +55,7 @@ def dynamic_map(signed: bool):
       signed: the map for signed values (first moment) or non-negative ones (second moment).
 
     >>> m = dynamic_map(signed=False)
-    >>> len(m), float(m[0]), float(m[1]), float(m[-1])
+    >>> len(m), float(m[0]), round(float(m[1]), 12), float(m[-1])
     (256, 0.0, 1e-07, 1.0)
     >>> len(dynamic_map(signed=True))
     255
@@ -167,8 +167,8 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
     >>> import jax.numpy as jnp
     >>> tx = scale_by_adam_8bit(min_8bit_size=0)
     >>> u, s = tx.update(jnp.array([2.0, -3.0]), tx.init(jnp.zeros(2)))
-    >>> u, s.moments.mu.codes.dtype
-    (Array([ 1., -1.], dtype=float32), dtype('uint8'))
+    >>> [round(float(x), 4) for x in u], s.moments.mu.codes.dtype
+    ([1.0, -1.0], dtype('uint8'))
     """
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
