@@ -8,7 +8,7 @@ Model: a pre-norm decoder-only transformer in plain JAX — token and learned po
 embeddings of width :math:`d`, ``layers`` blocks of causal multi-head self-attention
 and a GELU MLP of width :math:`4d`, each as :math:`h \leftarrow h + f(\mathrm{LN}(h))`,
 a final layer norm and an untied output projection. With the defaults
-(:math:`d = 96`, 2 layers, 4 heads, context 64) it has 240,643 parameters.
+(:math:`d = 96`, 2 layers, 4 heads, context 32) it has 239,040 parameters.
 
 Loss: mean next-character cross-entropy (nats) on minibatches of 16 windows of
 ``context + 1`` characters whose starts step :math:`t` draws with
@@ -68,7 +68,7 @@ def init(key, vocab: int, width: int, layers: int, context: int) -> dict:
     return {"embed": normal(keys[0], (vocab, width), 1) * 0.1,
             "position": normal(keys[1], (context, width), 1) * 0.1,
             "blocks": [block(k) for k in keys[3:]], "ln_f": norm(),
-            "unembed": normal(keys[2], (width, vocab), width)}
+            "unembed": normal(keys[2], (width, vocab), width) * 0.1}
 
 
 def _layer_norm(p: dict, h):
@@ -78,7 +78,7 @@ def _layer_norm(p: dict, h):
 
 
 def _attention(p: dict, h, heads: int):
-    """Causal multi-head self-attention :math:`\mathrm{softmax}(QK^\top/\sqrt{d_h} + M)V`."""
+    r"""Causal multi-head self-attention :math:`\mathrm{softmax}(QK^\top/\sqrt{d_h} + M)V`."""
     n, t, d = h.shape
     q, k, v = jnp.split(h @ p["qkv"], 3, axis=-1)
     split = lambda z: z.reshape(n, t, heads, d // heads).transpose(0, 2, 1, 3)
@@ -108,8 +108,8 @@ def _next_char_loss(params, windows, heads: int):
     return -jnp.mean(jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1))
 
 
-def charlm_task(steps: int = 300, width: int = 96, layers: int = 2, heads: int = 4,
-                context: int = 64) -> Task:
+def charlm_task(steps: int = 200, width: int = 96, layers: int = 2, heads: int = 4,
+                context: int = 32) -> Task:
     """The ``charlm`` task (see the module docstring)."""
     ids, chars = encode()
     cut = int(0.9 * len(ids))

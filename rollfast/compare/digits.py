@@ -122,7 +122,7 @@ def mlp_task(steps: int = 300) -> Task:
 
 
 def cnn_task(steps: int = 300) -> Task:
-    """``digits-cnn``: the CNN of :func:`cnn_init` (3,962 parameters)."""
+    """``digits-cnn``: the CNN of :func:`cnn_init` (3,818 parameters)."""
     return _task("digits-cnn", cnn_init, cnn_apply, steps, 3e-3,
                  "CNN conv3x3x8, conv3x3x16 stride 2, dense 256-10, relu")
 

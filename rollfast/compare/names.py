@@ -111,7 +111,9 @@ def parse_all(texts: Sequence[str]) -> list[Spec]:
 
 def _family_and_mode(head: str) -> tuple[str, str | None]:
     """Split ``family[:mode]`` where the family may be plugin-qualified: try the shortest
-    family prefix first; report the most specific error if nothing resolves."""
+    family prefix first. If nothing resolves, the error says the most: a mode error
+    (the family exists), else the longest family name's (``optax:lino`` → did you
+    mean ``optax:lion``)."""
     reg = rollfast.registry()
     parts = head.split(":")
     errors: list[UnknownNameError] = []
@@ -131,8 +133,9 @@ def _family_and_mode(head: str) -> tuple[str, str | None]:
             return family, mode
         except UnknownNameError as exc:
             errors.insert(0, exc)  # the family exists: its mode error says the most
-    raise next((e for e in errors if e.kind == "mode"), None) or \
-        next((e for e in errors if e.suggestions), errors[0])
+    mode_errors = [e for e in errors if e.kind == "mode"]
+    family_errors = [e for e in reversed(errors) if e.kind == "family" and e.suggestions]
+    raise (mode_errors or family_errors or errors)[0]
 
 
 def _wrapper_kind(name: str) -> str:

@@ -87,8 +87,9 @@ def title(result: TaskResult) -> str:
             f"  {result.task.description}")
 
 
-def plain_table(result: TaskResult, file=sys.stdout) -> None:
-    """The task's table as aligned plain text."""
+def plain_table(result: TaskResult, file=None) -> None:
+    """The task's table as aligned plain text (on ``file``, default stdout)."""
+    file = file or sys.stdout
     header, body = rows(result)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     print(title(result), file=file)
@@ -214,8 +215,8 @@ def _plain(x):
 class PlainReporter(Reporter):
     """One line per finished run on stderr (no rich)."""
 
-    def __init__(self, file=sys.stderr):
-        self.file, self.current = file, None
+    def __init__(self, file=None):
+        self.file, self.current = file or sys.stderr, None
 
     def run(self, task, label, phase, steps):
         self.current = f"{task} · {label} · {phase}"

@@ -87,7 +87,7 @@ def chunking(steps: int, max_chunk: int = MAX_CHUNK) -> tuple[int, int]:
 
 
 def smooth(losses: np.ndarray) -> np.ndarray:
-    """The trailing mean :math:`\bar\ell_t` of a loss curve (module docstring).
+    r"""The trailing mean :math:`\bar\ell_t` of a loss curve (module docstring).
 
     >>> smooth(np.arange(1.0, 5.0)).tolist()
     [1.0, 2.0, 3.0, 4.0]
@@ -122,7 +122,7 @@ def _nbytes(tree) -> int:
 
 
 def compile_run(task: Task, spec: Spec, steps: int) -> Compiled:
-    """Build ``spec`` with an injected learning rate and AOT-compile a training chunk
+    r"""Build ``spec`` with an injected learning rate and AOT-compile a training chunk
     :math:`(\theta, s) \mapsto` ``chunk`` steps of
     :math:`\ell_t, g_t = \nabla L(\theta; B_t)`, :math:`(u, s) = \mathrm{opt}(g_t, s, \theta)`,
     :math:`\theta \leftarrow \theta + u`, returning the losses :math:`\ell_t`."""
@@ -203,7 +203,7 @@ def failed(label: str, seed: int, learning_rate: float, exc: BaseException) -> R
 
 def tune(task: Task, compiled: Compiled, evaluate: Callable, *, label: str, steps: int,
          grid=TUNE_GRID, progress=None) -> tuple[float, dict[float, float | None]]:
-    """The learning rate :math:`\eta_0 m` (:math:`\eta_0` = the task's rate, :math:`m` in
+    r"""The learning rate :math:`\eta_0 m` (:math:`\eta_0` = the task's rate, :math:`m` in
     ``grid``) whose short run (``steps / TUNE_FRACTION``, seed 0) reaches the best
     validation metric; diverged or failed rates score ``None``. Returns the rate and
     every rate's score; if none succeeds, the task's rate."""

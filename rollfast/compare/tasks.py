@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import jax
@@ -131,8 +133,8 @@ def builtin_names() -> list[str]:
 def get_task(name: str, steps: int | None = None) -> Task:
     """A built-in task by name, or a user task ``module:function``.
 
-    A user task is the result of calling ``function()`` from the importable
-    ``module``; it must return a :class:`Task`.
+    A user task is the result of calling ``function()`` from ``module``, importable
+    from ``sys.path`` or the current directory; it must return a :class:`Task`.
 
     Raises:
       rollfast.UnknownNameError: neither a built-in name nor ``module:function``.
@@ -167,6 +169,8 @@ class TaskError(ValueError):
 
 def _load_user_task(ref: str) -> Task:
     module_name, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: the current directory
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
