@@ -13,6 +13,7 @@ This subpackage imports jax; ``import rollfast`` does not import it.
 
 from rollfast.compare.names import Spec, parse, parse_all
 from rollfast.compare.session import Options, compare
-from rollfast.compare.tasks import Task, get_task, least_squares
+from rollfast.compare.protocol import Task
+from rollfast.compare.tasks import get_task
 
-__all__ = ["Task", "Spec", "Options", "parse", "parse_all", "compare", "get_task", "least_squares"]
+__all__ = ["Task", "Spec", "Options", "parse", "parse_all", "compare", "get_task"]

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rollfast.compare.tasks import Task
+from rollfast.compare.protocol import Task
 
 BATCH = 16
 VALIDATION_WINDOWS = 64

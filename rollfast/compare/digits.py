@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rollfast.compare.tasks import Task
+from rollfast.compare.protocol import Task
 
 BATCH = 64
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from rollfast.compare.names import Spec
-from rollfast.compare.tasks import Task
+from rollfast.compare.protocol import Task
 
 MAX_CHUNK = 50
 TUNE_GRID = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)  # multiples of the task's learning rate

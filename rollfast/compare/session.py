@@ -19,7 +19,7 @@ import jax
 from rollfast.compare import runner
 from rollfast.compare.names import Spec
 from rollfast.compare.runner import Run
-from rollfast.compare.tasks import Task
+from rollfast.compare.protocol import Task
 
 
 @dataclasses.dataclass
