@@ -222,6 +222,10 @@ class PlainReporter(Reporter):
         self.current = f"{task} · {label} · {phase}"
         return lambda n, loss: None
 
+    def compiling(self, task, count):
+        print(f"  {task}: compiling {count} optimizers", file=self.file, flush=True)
+        return lambda: None
+
     def end_run(self, run):
         if run is not None:
             state = run.status if run.status != "ok" else f"loss {_num(run.stats.get('final_loss'))}"
@@ -253,6 +257,10 @@ class RichReporter(Reporter):
             self.progress.update(self.bar, advance=n, loss=f"loss {loss:.4g}")
 
         return advance
+
+    def compiling(self, task, count):
+        bar = self.progress.add_task(f"{task} · compiling", total=count, loss="")
+        return lambda: self.progress.update(bar, advance=1)
 
     def end_run(self, run):
         if run is not None and run.status != "ok":

@@ -69,6 +69,7 @@ class Compiled:
     builder and the cost of compiling it."""
 
     tx: optax.GradientTransformation
+    init: Callable
     step_chunk: Callable
     chunk: int
     compile_s: float
@@ -129,7 +130,8 @@ def compile_run(task: Task, spec: Spec, steps: int) -> Compiled:
     _, chunk = chunking(steps)
     tx = optax.inject_hyperparams(spec.build)(learning_rate=task.learning_rate)
     params = task.init(jax.random.PRNGKey(0))
-    state = jax.jit(tx.init)(params)
+    init = jax.jit(tx.init)
+    state = init(params)
 
     def step_chunk(params, state, data_key, start):
         def body(carry, step):
@@ -143,7 +145,7 @@ def compile_run(task: Task, spec: Spec, steps: int) -> Compiled:
     t0 = time.perf_counter()
     compiled = jax.jit(step_chunk).lower(params, state, jax.random.PRNGKey(0), jnp.int32(0)).compile()
     compile_s = time.perf_counter() - t0
-    return Compiled(tx, compiled, chunk, compile_s, _nbytes(state.inner_state) / 2**20)
+    return Compiled(tx, init, compiled, chunk, compile_s, _nbytes(state.inner_state) / 2**20)
 
 
 def train(task: Task, compiled: Compiled, evaluate: Callable, *, label: str, seed: int,
@@ -153,7 +155,7 @@ def train(task: Task, compiled: Compiled, evaluate: Callable, *, label: str, see
     ``budget`` seconds of training time have passed; evaluate the final parameters."""
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     params = task.init(init_key)
-    state = _state_with_lr(jax.jit(compiled.tx.init)(params), learning_rate)
+    state = _state_with_lr(compiled.init(params), learning_rate)
     run = Run(label, seed, float(learning_rate), compile_s=compiled.compile_s,
               state_mb=compiled.state_mb)
     chunk = compiled.chunk

@@ -8,10 +8,10 @@ An optimizer's learning rate on a task is, in order of precedence: ``--lr NAME=L
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -113,17 +113,37 @@ class Reporter:
     def end_run(self, run: Run | None) -> None:
         pass
 
+    def compiling(self, task: str, count: int) -> Callable[[], None]:
+        """Called before ``count`` optimizers compile; returns a callback per compiled one."""
+        return lambda: None
 
-def run_entry(task: Task, spec: Spec, options: Options, steps: int, reporter: Reporter) -> Entry:
-    """Compile ``spec`` for ``task`` once, sweep the rate if asked, run every seed;
-    failures become results."""
-    evaluate = jax.jit(task.evaluate)
+
+def compile_all(task: Task, specs: Sequence[Spec], steps: int, workers: int = 2,
+                done: Callable[[], None] = lambda: None) -> list:
+    """Every optimizer compiled for ``task`` (or the exception it raised), ``workers`` at
+    a time: XLA compiles outside the GIL, so on two cores two compilations take the
+    time of one, and each is still timed on its own. Nothing trains meanwhile."""
+    def attempt(spec):
+        try:
+            return runner.compile_run(task, spec, steps)
+        except Exception as exc:  # a family that cannot build or compile here is a result
+            return exc
+        finally:
+            done()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(attempt, specs))
+
+
+def run_entry(task: Task, spec: Spec, compiled, evaluate: Callable, options: Options, steps: int,
+              reporter: Reporter) -> Entry:
+    """Sweep the rate if asked, then run every seed of one compiled optimizer; failures
+    become results."""
     lr = options.learning_rates.get(spec.label, options.learning_rates.get("*"))
     chosen = lr if lr is not None else task.learning_rate
-    try:
-        compiled = runner.compile_run(task, spec, steps)
-    except Exception as exc:  # a family that cannot build or compile here is a result
-        return Entry(spec, chosen, [runner.failed(spec.label, s, chosen, exc) for s in range(options.seeds)])
+    if isinstance(compiled, Exception):
+        return Entry(spec, chosen, [runner.failed(spec.label, s, chosen, compiled)
+                                    for s in range(options.seeds)])
     sweep = None
     if options.tune and lr is None:
         chosen, sweep = _sweep(task, spec, compiled, evaluate, steps, reporter)
@@ -153,21 +173,18 @@ def _sweep(task, spec, compiled, evaluate, steps, reporter):
 
 def compare(specs: Sequence[Spec], tasks: Sequence[Task], options: Options,
             reporter: Reporter | None = None) -> list[TaskResult]:
-    """Every optimizer on every task (tasks in order, optimizers in order)."""
+    """Every optimizer on every task: per task, compile all (:func:`compile_all`), then
+    train one after the other."""
     reporter = reporter or Reporter()
     results = []
     for task in tasks:
         steps = options.steps or task.steps
-        entries = [run_entry(task, spec, options, steps, reporter) for spec in specs]
+        evaluate = jax.jit(task.evaluate)
+        compiled = compile_all(task, specs, steps, done=reporter.compiling(task.name, len(specs)))
+        entries = [run_entry(task, spec, c, evaluate, options, steps, reporter)
+                   for spec, c in zip(specs, compiled)]
         results.append(TaskResult(task, steps, entries))
     return results
 
 
-def timed(fn, *args, **kwargs):
-    """``(result, wall seconds, CPU seconds)`` of a call."""
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - w0, time.process_time() - c0
-
-
-__all__ = ["Entry", "TaskResult", "Options", "Reporter", "compare", "run_entry", "timed"]
+__all__ = ["Entry", "TaskResult", "Options", "Reporter", "compare", "compile_all", "run_entry"]
