@@ -1,4 +1,4 @@
-"""The ``rollfast`` command: list, inspect and diagnose installed contributions.
+"""The ``rollfast`` command: list, inspect, diagnose and compare the installed optimizers.
 
 ``rollfast list --json`` prints one JSON object (schema ``rollfast.list/1``)::
 

@@ -14,6 +14,7 @@ import pytest
 import rollfast
 from rollfast.cli import main
 from rollfast.compare import Options, Task, compare, get_task, parse, parse_all, report, runner
+from rollfast.compare.charlm import apply, charlm_task, encode, init
 from rollfast.compare.cli import learning_rates
 from rollfast.compare.tasks import TaskError
 from rollfast.registry import as_plugin
@@ -148,14 +149,17 @@ def test_sgd_on_a_quadratic_follows_the_closed_form():
 
 def test_same_seed_same_numbers_and_every_optimizer_sees_the_same_start():
     task = get_task("digits-mlp", steps=8)
-    a, b = _run(task, "adamw", 3e-3, 8, seed=1), _run(task, "adamw", 3e-3, 8, seed=1)
+    evaluate = jax.jit(task.evaluate)
+    adamw, sgd = (runner.compile_run(task, parse(n), 8) for n in ("adamw", "optax:sgd"))
+    train = lambda compiled, lr, seed: runner.train(task, compiled, evaluate, label="x", seed=seed,
+                                                    learning_rate=lr, steps=8)
+    a, b = train(adamw, 3e-3, 1), train(adamw, 3e-3, 1)
     np.testing.assert_array_equal(a.losses, b.losses)
     assert a.metric == b.metric
-    other_seed = _run(task, "adamw", 3e-3, 8, seed=2)
-    assert other_seed.losses[0] != a.losses[0]
-    sgd = _run(task, "optax:sgd", 0.1, 8, seed=1)
-    assert sgd.losses[0] == a.losses[0]  # same parameters, same first batch
-    assert sgd.losses[1] != a.losses[1]
+    assert train(adamw, 3e-3, 2).losses[0] != a.losses[0]
+    other = train(sgd, 0.1, 1)
+    assert other.losses[0] == a.losses[0]  # same parameters, same first batch
+    assert other.losses[1] != a.losses[1]
 
 
 def test_tune_picks_the_best_rate_of_the_grid_and_scores_divergence_as_none():
@@ -252,24 +256,21 @@ def test_builtin_tasks_start_where_theory_says():
     key = jax.random.PRNGKey(0)
     lstsq = get_task("lstsq")
     assert float(lstsq.evaluate(lstsq.init(key))) == pytest.approx(1.0, abs=1e-5)
-    digits = get_task("digits-cnn")
-    loss = float(digits.loss(digits.init(key), digits.batch(key, 0)))
-    assert abs(loss - math.log(10)) < 0.5
-    from rollfast.compare.charlm import charlm_task, encode
-
+    digits = get_task("digits-mlp")
+    loss = jax.jit(lambda k: digits.loss(digits.init(k), digits.batch(k, 0)))(key)
+    assert abs(float(loss) - math.log(10)) < 0.5
     lm = charlm_task(width=16, layers=1, heads=2, context=8)
     vocab = len(encode()[1])
-    assert abs(float(lm.loss(lm.init(key), lm.batch(key, 0))) - math.log(vocab)) < 0.5
-    assert float(lm.evaluate(lm.init(key))) == pytest.approx(math.log2(vocab), abs=0.75)
+    params = jax.jit(lm.init)(key)
+    assert abs(float(jax.jit(lm.loss)(params, lm.batch(key, 0))) - math.log(vocab)) < 0.5
+    assert float(jax.jit(lm.evaluate)(params)) == pytest.approx(math.log2(vocab), abs=0.75)
 
 
 def test_charlm_is_causal():
     """Changing a later character never changes an earlier prediction."""
-    from rollfast.compare.charlm import apply, init
-
-    params = init(jax.random.PRNGKey(1), vocab=11, width=16, layers=1, context=8)
-    x = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
-    y = x.at[0, 5].set(0)
-    a, b = apply(params, x, heads=2), apply(params, y, heads=2)
+    params = jax.jit(lambda k: init(k, vocab=11, width=16, layers=1, context=8))(jax.random.PRNGKey(1))
+    x = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 0, 7, 8]])
+    logits = jax.jit(lambda p, x: apply(p, x, heads=2))(params, x)
+    a, b = logits[:1], logits[1:]
     np.testing.assert_allclose(a[0, :5], b[0, :5], rtol=1e-6)
     assert not np.allclose(a[0, 5:], b[0, 5:])

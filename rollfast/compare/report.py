@@ -116,7 +116,7 @@ def rich_table(result: TaskResult, console) -> None:
 
 def plot(result: TaskResult, out: Path) -> Path:
     """One PNG per task: smoothed training loss against step and against wall time
-    (seed 0 of each optimizer; compile time excluded)."""
+    (log scale; seed 0 of each optimizer; compile time excluded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,8 +142,10 @@ def plot(result: TaskResult, out: Path) -> Path:
             ax.set_yscale("log")
         if result.task.target is not None:
             ax.axhline(result.task.target, color="grey", ls=":", lw=1)
+    by_time.set_xscale("log")  # per-step costs differ by orders of magnitude
     by_step.legend(fontsize=8)
-    fig.suptitle(f"rollfast compare — {result.task.name}: {result.task.description[:110]}", fontsize=9)
+    fig.suptitle(f"rollfast compare — {result.task.name}, {result.steps} steps "
+                 f"(dotted: target loss)", fontsize=10)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{result.task.name}.png"
     fig.savefig(path, dpi=110)

@@ -28,6 +28,7 @@ final loss :math:`\bar\ell_T`, best loss :math:`\min_t \bar\ell_t`, steps to tar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -111,6 +112,12 @@ def curve_stats(losses: np.ndarray, target: float | None) -> dict:
             "steps_to_target": int(hit[0]) + 1 if len(hit) else None}
 
 
+@functools.lru_cache(maxsize=16)
+def initializer(task: Task) -> Callable:
+    """``jax.jit(task.init)``, one per task (eager initialisation would compile op by op)."""
+    return jax.jit(task.init)
+
+
 def _state_with_lr(state, learning_rate):
     """The ``inject_hyperparams`` state with its learning rate replaced."""
     hyper = dict(state.hyperparams)
@@ -129,7 +136,7 @@ def compile_run(task: Task, spec: Spec, steps: int) -> Compiled:
     :math:`\theta \leftarrow \theta + u`, returning the losses :math:`\ell_t`."""
     _, chunk = chunking(steps)
     tx = optax.inject_hyperparams(spec.build)(learning_rate=task.learning_rate)
-    params = task.init(jax.random.PRNGKey(0))
+    params = initializer(task)(jax.random.PRNGKey(0))
     init = jax.jit(tx.init)
     state = init(params)
 
@@ -154,7 +161,7 @@ def train(task: Task, compiled: Compiled, evaluate: Callable, *, label: str, see
     """Train from seed ``seed`` for ``steps`` (rounded up to whole compiled chunks) or until
     ``budget`` seconds of training time have passed; evaluate the final parameters."""
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = task.init(init_key)
+    params = initializer(task)(init_key)
     state = _state_with_lr(compiled.init(params), learning_rate)
     run = Run(label, seed, float(learning_rate), compile_s=compiled.compile_s,
               state_mb=compiled.state_mb)
