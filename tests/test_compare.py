@@ -145,6 +145,10 @@ def test_sgd_on_a_quadratic_follows_the_closed_form():
     first_below = int(np.argmax(runner.smooth(expected) <= 1.0)) + 1
     assert run.stats["steps_to_target"] == first_below
     assert len(run.times) == steps and np.all(np.diff(run.times) > 0)
+    compiled = runner.compile_run(task, parse("optax:sgd"), steps)
+    short = runner.train(task, compiled, jax.jit(task.evaluate), label="sgd", seed=0,
+                         learning_rate=eta, steps=steps, budget=1e-9)
+    np.testing.assert_array_equal(short.losses, run.losses[:40])  # --budget: one chunk
 
 
 def test_same_seed_same_numbers_and_every_optimizer_sees_the_same_start():
@@ -228,6 +232,16 @@ def test_user_task_through_the_cli_with_json_and_seeds(capsys, tmp_path, monkeyp
     for key in ("final_loss", "best_loss", "steps_to_target", "ms_per_step", "compile_s", "state_mb"):
         assert key in sgd["summary"]
     assert len(sgd["runs"][0]["time_s"]) == 30
+
+
+def test_tune_through_the_cli_records_the_sweep(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "optax:sgd", "--task", "test_compare:make_task", "--tune",
+                           "--steps", "300", "--out", str(tmp_path), "--json")
+    assert code == 0
+    (entry,) = json.loads((tmp_path / "compare.json").read_text())["tasks"][0]["results"]
+    assert entry["learning_rate"] == pytest.approx(0.3 * 10**0.5)
+    assert len(entry["sweep"]) == 5 and entry["sweep"][repr(3.0)] is None
+    assert entry["runs"][0]["learning_rate"] == entry["learning_rate"]
 
 
 def test_bad_user_tasks_are_named(capsys):
