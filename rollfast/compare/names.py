@@ -58,8 +58,6 @@ class Spec:
         if self.masks:
             out["mask"] = list(self.masks)
         if self.averages:
-            if len(self.averages) > 1:
-                raise ValueError(f"{self.label!r}: at most one average, got {', '.join(self.averages)}")
             out["average"] = self.averages[0]
         return out
 
@@ -74,7 +72,8 @@ def parse(text: str) -> Spec:
     Raises:
       rollfast.UnknownNameError: a family, mode, mask or average that no installed
         plugin registers (with the closest valid names).
-      ValueError: a malformed name (empty part, unbalanced parentheses).
+      ValueError: a malformed name (empty part, unbalanced parentheses) or more
+        than one average.
     """
     averages: list[str] = []
     core = text.strip()
@@ -94,6 +93,8 @@ def parse(text: str) -> Spec:
         (masks if kind == "mask" else averages).append(w)
     for a in averages:
         rollfast.registry().lookup("average", a)
+    if len(averages) > 1:
+        raise ValueError(f"optimizer {text!r}: at most one average, got {', '.join(averages)}")
     return Spec(text.strip(), family, mode, tuple(masks), tuple(averages))
 
 
