@@ -18,8 +18,8 @@ import jax
 
 from rollfast.compare import runner
 from rollfast.compare.names import Spec
-from rollfast.compare.runner import Run
 from rollfast.compare.protocol import Task
+from rollfast.compare.runner import Run
 
 
 @dataclasses.dataclass
