@@ -69,6 +69,8 @@ def test_grammar_reaches_third_party_plugins():
     if "CAYLEY" not in names:
         pytest.skip("the kron-cayley example plugin is not installed")
     assert parse("kron:kron_cayley:CAYLEY").mode == "kron_cayley:CAYLEY"
+    implied = parse("kron_cayley:CAYLEY")
+    assert (implied.family, implied.mode) == ("kron", "kron_cayley:CAYLEY")
     assert parse("adamod+trust_ratio").masks == ("trust_ratio",)
 
 

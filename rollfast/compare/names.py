@@ -11,13 +11,14 @@ r"""The name grammar of ``rollfast compare``: one string names one optimizer.
 * A plugin-qualified name reaches a contribution that lost a name clash or that you
   want to pin to one plugin: ``optax:lion`` (the family ``lion`` of the plugin
   ``optax``), ``kron:kron_cayley:CAYLEY`` (the mode ``CAYLEY`` of the plugin
-  ``kron_cayley``), ``psgd:kron:EXP``.
+  ``kron_cayley``; ``kron_cayley:CAYLEY`` alone also works, the family being implied),
+  ``psgd:kron:EXP``.
 * ``+WRAPPER`` adds a mask (``+magma``) or an average (``+schedule_free``), in any
   number; ``AVERAGE(spec)`` is the same as ``spec+AVERAGE``:
   ``schedule_free(adamw)`` equals ``adamw+schedule_free``.
 
 ``A:B`` is read as family ``A`` with mode ``B`` when ``A`` is a family, otherwise as
-the plugin-qualified family ``A:B``. Every name is resolved through the registry, so
+the plugin-qualified family ``A:B``, otherwise as the mode ``B`` of plugin ``A``. Every name is resolved through the registry, so
 third-party families, modes, masks and averages work with no code; an unknown name
 raises the registry's :class:`~rollfast.UnknownNameError` with the closest valid names.
 
@@ -134,6 +135,9 @@ def _family_and_mode(head: str) -> tuple[str, str | None]:
             return family, mode
         except UnknownNameError as exc:
             errors.insert(0, exc)  # the family exists: its mode error says the most
+    qualified_modes = [m for m in reg.records("mode") if m.qualified_name.lower() == head.lower()]
+    if len(qualified_modes) == 1:  # PLUGIN:MODE alone: the mode's family is implied
+        return qualified_modes[0].family, head
     mode_errors = [e for e in errors if e.kind == "mode"]
     family_errors = [e for e in reversed(errors) if e.kind == "family" and e.suggestions]
     raise (mode_errors or family_errors or errors)[0]
