@@ -1,4 +1,4 @@
-# One command each: `make demo` (set up, list the registry, train a small model) and `make test`
+# One command each: `make demo` (set up, compare optimizers on the built-in tasks) and `make test`
 # (the docs site built with `mkdocs build --strict`, then the whole suite).
 PY ?= python3
 VENV ?= .venv
@@ -10,14 +10,13 @@ LOCAL_PLUGINS := $(wildcard contrib/example-plugin contrib/kron-cayley)
 $(BIN)/rollfast: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,docs]' $(addprefix -e ./,$(LOCAL_PLUGINS))
+	$(BIN)/pip install -q -e '.[test,docs,compare]' $(addprefix -e ./,$(LOCAL_PLUGINS))
 	touch $@
 
 setup: $(BIN)/rollfast
 
 demo: setup
-	$(BIN)/rollfast list
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/rollfast compare --json --out rollfast-compare
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

@@ -1,4 +1,4 @@
-"""The ``rollfast`` command: list, inspect and diagnose installed contributions.
+"""The ``rollfast`` command: list, inspect, diagnose and compare the installed optimizers.
 
 ``rollfast list --json`` prints one JSON object (schema ``rollfast.list/1``)::
 
@@ -33,6 +33,11 @@ HEADINGS = {"family": "families", "mode": "modes", "mask": "masks", "average": "
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rollfast`` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # imports jax, so only when asked for
+        from rollfast.compare.cli import main as compare
+
+        return compare(argv[1:])
     parser = argparse.ArgumentParser(prog="rollfast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="every family, mode, mask, average, rounding and partitioner")
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("name", help="a family, mode, part or plugin name (or plugin:name)")
     p_info.add_argument("--kind", choices=KINDS, help="look only among this kind")
     sub.add_parser("plugins", help="installed plugin distributions and load warnings")
+    sub.add_parser("compare", help="run optimizers side by side (`rollfast compare --help`)")
     args = parser.parse_args(argv)
 
     with warnings.catch_warnings(record=True) as caught:
