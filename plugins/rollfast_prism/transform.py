@@ -174,7 +174,9 @@ def update_matrices(updates, state, params, specs, opts: PrismOptions):
     decay = decay_terms(params, mat, treedef, state.count, opts)
 
     def step(grads, state):  # the spike's rescaling fuses into the momentum's pass
-        grads = [g.astype(jnp.float32) if factor is None else g.astype(jnp.float32) * factor for g in grads]
+        grads = [g.astype(jnp.float32) for g in grads]
+        if factor is not None:
+            grads = [g * factor for g in grads]
         return prism_step(grads, state, mat=mat, specs=flat_specs, treedef=treedef, decay=decay, opts=opts)
 
     out, new_state = run_unless_skipped(ok, step, [flat_g[i] for i in mat], state)
