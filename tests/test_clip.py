@@ -1,4 +1,4 @@
-"""Generic spike protection and update clipping (ALGORITHMS §1.5 steps 2/6/12, §1.9, §4.4)."""
+"""Generic spike protection and update clipping (the ``clip`` mask, docs/magma.md)."""
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,10 @@ import rollfast
 import rollfast_prism
 from rollfast.testing import mixed_tree, mlp_problem, quadratic_loss, run
 from rollfast_partition import MatrixSpec
+from rollfast.toolbox import update_clipper
+from rollfast_prism import transform
 from rollfast_prism.modes import bidirectional, original
+from rollfast_prism.transform import PrismOptions
 
 MODES = ["original", "bidirectional"]
 
@@ -143,8 +146,10 @@ def test_spike_skip_and_permissive_clip():
     state = strict.init(params)
     u, new = strict.update(g, state, params)
     assert float(jnp.abs(u["w"]).max()) == 0.0
-    inner = new.inner_state.inner_states["prism"].inner_state[0]
-    assert int(inner.count) == 1 and float(jnp.abs(inner.mu["w"]).max()) == 0.0
+    # a skipped step leaves the PRISM state as it was (count, momentum and key), as
+    # rollfast.toolbox.spike_guard / run_unless_skipped and the clip mask do
+    prism_state = lambda s: s.inner_state.inner_states["prism"].inner_state[0]
+    jax.tree.map(np.testing.assert_array_equal, prism_state(new), prism_state(state))
     loose = rollfast.get("prism", learning_rate=1.0, raw_global_grad_clip=1.0)
     u_loose, new = loose.update(g, loose.init(params), params)
     mu = new.inner_state.inner_states["prism"].inner_state[0].mu["w"]
@@ -265,6 +270,92 @@ def test_beats_tuned_adamw_on_the_mlp_problem():
     for mode in MODES:
         final = run(rollfast.get("prism", learning_rate=0.2, mode=mode), params, loss, 50)[2][-1]
         assert final < 0.5 * best_adamw, (mode, final, best_adamw)
+
+
+# --------------------------------------------------------------- the stages one by one
+@pytest.mark.parametrize("nesterov, shape_nesterov, bias_correction", [
+    (True, True, False), (True, True, True), (False, True, False), (False, True, True),
+    (True, False, True), (False, False, False)])
+def test_target_stage(nesterov, shape_nesterov, bias_correction):
+    """T = b1·M/(1−b1^{t+1}) + (1−b1)·g/(1−b1^t) with Nesterov and bias correction; the
+    corrections drop without bias correction; M (corrected or not) without Nesterov; M
+    itself when the Nesterov blend is done after shaping instead."""
+    b1, t = 0.9, 3.0
+    m, g = _random((4, 3), 1), _random((4, 3), 2)
+    opts = PrismOptions(b1=b1, nesterov=nesterov, shape_nesterov=shape_nesterov,
+                        bias_correction=bias_correction)
+    c_next, c_now = (1 - b1 ** (t + 1), 1 - b1**t) if bias_correction else (1.0, 1.0)
+    m64, g64 = np.asarray(m, np.float64), np.asarray(g, np.float64)
+    if not shape_nesterov:
+        expected = m64
+    elif nesterov:
+        expected = b1 * m64 / c_next + (1 - b1) * g64 / c_now
+    else:
+        expected = m64 / c_now
+    np.testing.assert_allclose(transform.target(m, g, jnp.float32(t), opts), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(transform.momentum(m, g, b1), b1 * m64 + (1 - b1) * g64, rtol=1e-6)
+
+
+def test_shape_matrix_blends_then_clips_like_the_toolbox():
+    """O = Shape(T, D), blended with g when Nesterov is not shaped, then the rms cap a
+    and the element cap e of rollfast.toolbox.update_clipper (float64 check)."""
+    t, g = 5.0 * _random((6, 4), 1), _random((6, 4), 2)
+    opts = PrismOptions(b1=0.8, nesterov=True, shape_nesterov=False, shape=lambda t, d: 2 * t,
+                        clip=update_clipper("per_tensor_rms", (1.0, 1.5)))
+    o = 0.8 * 2 * np.asarray(t, np.float64) + 0.2 * np.asarray(g, np.float64)
+    o = np.clip(o * min(1.0, 1.0 / np.sqrt(np.mean(o**2))), -1.5, 1.5)
+    np.testing.assert_allclose(transform.shape_matrix(t, None, g, opts), o, rtol=1e-5)
+    assert float(jnp.abs(o).max()) == 1.5  # both caps were active
+
+
+def test_shape_leaf_clips_each_matrix_of_a_stack_on_its_own():
+    """The rms cap applies per matrix of the view: a quiet layer next to a loud one
+    keeps its own scale (a per-leaf cap would shrink it too)."""
+    opts = PrismOptions(shape=lambda t, d: t, clip=update_clipper("per_tensor_rms", (1.0, 10.0)))
+    quiet, loud = 0.1 * _random((5, 4), 1), 50.0 * _random((5, 4), 2)
+    zeros = jnp.zeros((2, 5, 4))
+    out = transform.shape_leaf(MatrixSpec(1, 2), jnp.stack([quiet, loud]), zeros, zeros, opts)
+    np.testing.assert_allclose(out[0], quiet, rtol=1e-6)
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(out[1] ** 2)), 1.0, rtol=1e-5)
+
+
+def test_decay_terms_follow_mask_and_schedule():
+    """λ_t·θ on masked-in matrix leaves, λ_t = weight_decay(count) with the count before
+    the step; nothing without decay; an error naming params when they are missing."""
+    params = {"a": jnp.full((2, 2), 2.0), "b": jnp.ones((2, 2)), "v": jnp.ones(2)}
+    specs = {"a": MatrixSpec(), "b": MatrixSpec(), "v": None}
+    treedef = jax.tree.structure(specs, is_leaf=lambda s: s is None or isinstance(s, MatrixSpec))
+    opts = PrismOptions(weight_decay=lambda c: 0.1 * c, weight_decay_mask={"a": True, "b": False, "v": True})
+    terms = transform.decay_terms(params, [0, 1], treedef, jnp.int32(3), opts)
+    np.testing.assert_allclose(terms[0], 0.6 * np.ones((2, 2)), rtol=1e-6)
+    assert terms[1] is None and terms[2] is None
+    assert transform.decay_terms(None, [0, 1], treedef, 0, PrismOptions()) == [None] * 3
+    with pytest.raises(ValueError, match="needs params"):
+        transform.decay_terms(None, [0, 1], treedef, 0, PrismOptions(weight_decay=0.1))
+
+
+def test_a_skipped_spike_leaves_the_count_for_the_next_step():
+    """permissive_spike_protection=False: the skipped step changes no state, so with
+    bias correction the next step equals the first step of a fresh optimizer."""
+    g = {"w": _random((6, 5))}
+    tx = rollfast_prism.scale_by_prism(raw_global_grad_clip=10.0, permissive_spike_protection=False,
+                                       bias_correction=True)
+    state = tx.init(g)
+    u, skipped = tx.update(jax.tree.map(lambda x: 100 * x, g), state)
+    assert not bool(jnp.any(u["w"])) and int(skipped.count) == 0
+    np.testing.assert_array_equal(tx.update(g, skipped)[0]["w"], tx.update(g, state)[0]["w"])
+
+
+def test_shape_fn_binds_only_declared_options():
+    seen = {}
+
+    def mode(t, d, *, gamma, inv_eps=None):
+        seen.update(gamma=gamma, inv_eps=inv_eps)
+        return t
+
+    transform.shape_fn(mode, {"gamma": 0.5, "ns_iters": 3, "inv_eps": 1e-3})(jnp.ones(1), jnp.ones(1))
+    assert seen == {"gamma": 0.5, "inv_eps": 1e-3}
+    assert transform.shape_fn("original", {"gamma": 0.0, "ns_iters": 5})(jnp.eye(2), jnp.eye(2)).shape == (2, 2)
 
 
 # --------------------------------------------------------------- options and errors

@@ -1,6 +1,6 @@
-"""PRISM against a float64 NumPy reference written here from ALGORITHMS.md §4.
+"""PRISM against a float64 NumPy reference written here from the equations of docs/prism.md.
 
-The reference follows the spec literally (direct ``R×R`` and ``O×O`` Grams, the
+The reference follows the equations literally (direct ``R×R`` and ``O×O`` Grams, the
 coupled two-sided iteration); the plugin may compute the same functions another
 way (one side at a time, on the cheaper Gram), so agreement checks both.
 """
@@ -15,6 +15,7 @@ import rollfast
 from rollfast_partition import MatrixSpec
 
 NS = (3.4445, -4.7750, 2.0315)
+TINY = np.finfo(np.float32).tiny
 ROOT4 = [(3.85003, -10.8539, 8.61893), (1.80992, -0.587778, 0.0647852),
          (1.50394, -0.594516, 0.121161), (45 / 32, -9 / 16, 5 / 32)]
 
@@ -108,7 +109,7 @@ def prism_steps(grads, shape_fn, *, b1=0.95, lr=1.0, red=(0,), out=(1,), nestero
             if nesterov and not shape_nesterov:
                 o = b1 * o + (1 - b1) * gb
             rms = np.sqrt(np.mean(o**2))
-            o = o * min(1.0, amps[0] / (rms + 1e-9))
+            o = o * min(1.0, amps[0] / (rms + TINY))  # rollfast.toolbox.update_clipper's guard
             res.append(np.clip(o, -amps[1], amps[1]))
         updates.append(-lr * from_matrix(np.stack(res), perm, pshape))
     return updates

@@ -2,21 +2,24 @@ r"""Generic spike protection and update clipping, available to every family.
 
 Registered as an automatic mask (``auto=True``, ``order=-100``): ``rollfast.get``
 adds it, right next to the family, whenever one of its options is given and the
-family does not take that option itself (``kron`` and ``prism`` clip inside).
+family does not take that option itself (``kron`` and ``prism`` clip inside, with
+the same two helpers and the same meaning of every option).
 
-Two stages around the wrapped optimizer (the same as ``kron`` and ``prism`` apply inside):
+Two stages around the wrapped optimizer, both from :mod:`rollfast.toolbox`:
 
-1. *Raw global-norm spike clip* on the incoming gradient, before the family:
-   with :math:`N = \lVert g\rVert_2` over all leaves, a spike :math:`N > c` is
-   rescaled to norm :math:`c`; with ``permissive_spike_protection=False`` the step
-   is skipped instead (zero update, wrapped state unchanged).
-2. *Update clipping* of the family's output. The family's update is already
-   :math:`u = -\eta_t d`; the caps apply to the direction :math:`d = u/\eta_t`,
-   i.e. thresholds are multiplied by :math:`|\eta_t|` (the family's learning rate,
-   a schedule evaluated at this wrapper's own step count). A family without a
-   learning rate is clipped on :math:`u` itself.
+1. *Spike guard* on the incoming gradient, before the family
+   (:func:`rollfast.toolbox.spike_guard`): with :math:`N = \lVert g\rVert_2` over all
+   float leaves and :math:`c` = ``raw_global_grad_clip``, a spike :math:`N > c` is
+   rescaled to norm :math:`c` when ``permissive_spike_protection`` is true (the
+   default) and skips the step when it is false. A skipped step returns a zero update
+   and leaves the whole state unchanged (the wrapped state and this wrapper's count).
+2. *Update clipping* of the family's output (:func:`rollfast.toolbox.update_clipper`).
+   The family's update is already :math:`u = -\eta_t d`; the caps apply to the
+   direction :math:`d = u/\eta_t`, i.e. thresholds are multiplied by :math:`|\eta_t|`
+   (the family's learning rate, a schedule evaluated at this wrapper's own step
+   count). A family without a learning rate is clipped on :math:`u` itself.
 
-A non-finite gradient skips the step the same way: no update, state unchanged.
+A non-finite gradient (a non-finite :math:`N`) skips the step the same way.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ def clip(inner, *, first_moment=None, learning_rate=None, raw_global_grad_clip=N
         ``rollfast.get``; the caps are relative to it.
       raw_global_grad_clip: spike threshold on the global L2 norm of the raw
         gradient (``None``: no spike protection).
-      permissive_spike_protection: rescale spikes to the threshold (``True``) or
-        skip the step (``False``: zero update, wrapped state unchanged).
+      permissive_spike_protection: rescale a spike to the threshold (``True``) or
+        skip the step (``False``: zero update, state unchanged), as
+        :func:`rollfast.toolbox.spike_guard`.
       grad_clip_mode: ``"per_tensor_rms"`` (RMS cap then elementwise cap, per leaf)
         or ``"global_rms"`` (one RMS cap over all leaves).
       grad_clip_max_amps: ``(rms cap, element cap)`` of the update direction; a

@@ -19,7 +19,8 @@ import optax
 
 import rollfast
 from rollfast.toolbox import as_key, skip_nonfinite
-from rollfast_prism.transform import ScaleByPrismState, scale_by_prism
+from rollfast_partition import MatrixSpec, as_partitioner, leaf_specs
+from rollfast_prism.transform import PrismOptions, ScaleByPrismState, scale_by_prism
 
 REFERENCES = ("Y. Yang, PRISM: Structured Optimization via Anisotropic Spectral Shaping, arXiv:2602.03096",
               "F. L. Cesista, Bidirectional-PRISM (Shampoo-style two-sided PRISM)")
@@ -30,33 +31,33 @@ def precondition(register):
     register.family("prism", prism, first_moment=first_moment, references=REFERENCES)
 
 
-def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask=None, ns_iters=5,
-          mode="original", inv_steps=6, inv_eps=1e-5, inv_scale=1.001, eps_gram=1e-6, gamma_l=None,
-          gamma_r=None, precision="highest", nesterov=True, shape_nesterov=True,
-          bias_correction=False, grad_clip_max_amps=(2.0, 10.0), raw_global_grad_clip=None,
-          permissive_spike_protection=True, mu_dtype=None, axis_name=None, key=42,
-          adam_learning_rate=None, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-          prism_weight_dimension_numbers=None, partition="auto", fallback="adamw", round="nearest"):
-    r"""PRISM on matrix leaves, an element-wise fallback (AdamW) on the rest.
+def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask=None, ns_iters=5, mode="original",
+          inv_steps=6, inv_eps=1e-5, inv_scale=1.001, eps_gram=1e-6, gamma_l=None, gamma_r=None, precision="highest",
+          nesterov=True, shape_nesterov=True, bias_correction=False, grad_clip_max_amps=(2.0, 10.0),
+          raw_global_grad_clip=None, permissive_spike_protection=True, mu_dtype=None, axis_name=None, key=42,
+          adam_learning_rate=None, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, prism_weight_dimension_numbers=None,
+          partition="auto", fallback="adamw", round="nearest") -> optax.GradientTransformationExtraArgs:
+    r"""PRISM on matrix leaves, an element-wise fallback family (AdamW) on the rest.
 
-    Matrix leaves: :math:`-\eta\,(\mathrm{clip}(\mathrm{Shape}(T, D)) + λθ)`
-    (see :func:`scale_by_prism`); other leaves: the ``fallback`` family with
-    ``learning_rate=adam_learning_rate or learning_rate``, ``b1=adam_b1``,
-    ``b2=adam_b2``, ``eps=adam_eps`` and the same ``weight_decay``,
-    ``weight_decay_mask``, ``mu_dtype``, ``round`` (each passed if the fallback
-    takes it). A step whose gradient has a non-finite entry changes nothing.
+    .. math::
+        \theta_{t+1} = \theta_t - \eta_t\bigl(\operatorname{clip}(\operatorname{Shape}(T_t, D_t)) + \lambda\theta_t\bigr),
+        \quad M_t = b_1 M_{t-1} + (1-b_1) g_t,\quad T_t = b_1 M_t + (1-b_1) g_t,\quad D_t = g_t - M_t,\\
+        \operatorname{Shape}_{\text{original}}(T, D) \approx T\,(T^\top T + \gamma^2 D^\top D)^{-1/2}
+
+    per matrix of each matrix leaf (:func:`scale_by_prism`, ``docs/prism.md``); other leaves get ``fallback``
+    (``adam_*`` are its ``learning_rate, b1, b2, eps``). A non-finite gradient changes nothing.
 
     Args:
-      learning_rate: step size of the matrix leaves, a float or an Optax schedule.
-      b1: momentum decay.
-      gamma: weight of the innovation ``G − M`` in the shaping.
+      learning_rate: step size :math:`\eta_t` of the matrix leaves, a float or an Optax schedule.
+      b1: momentum decay, in ``[0, 1)``.
+      gamma: weight γ of the innovation ``D = g − M`` in the shaping, ``>= 0``.
       weight_decay: decoupled weight decay λ (both paths).
       weight_decay_mask: pytree or callable ``params -> bool pytree``: where to decay.
       ns_iters: Newton–Schulz iterations (mode ``original``).
-      mode: the shaping rule, ``"original"`` or ``"bidirectional"``.
+      mode: the shaping rule, ``"original"`` or ``"bidirectional"`` (or a third-party mode).
       inv_steps: inverse-fourth-root iterations (mode ``bidirectional``).
       inv_eps: ridge of the normalised Grams (mode ``bidirectional``).
-      inv_scale: safety factor of the iteration's coefficients (``bidirectional``).
+      inv_scale: safety factor κ of the iteration's coefficients (mode ``bidirectional``).
       eps_gram: ridge added to the Grams (mode ``bidirectional``).
       gamma_l: innovation weight of the left Gram (default ``gamma``).
       gamma_r: innovation weight of the right Gram (default ``gamma``).
@@ -64,59 +65,72 @@ def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask
       nesterov: shape (or blend in) the Nesterov look-ahead momentum.
       shape_nesterov: shape the Nesterov target rather than the plain momentum.
       bias_correction: divide the momentum terms by ``1 - b1^t``.
-      grad_clip_max_amps: ``(rms, elementwise)`` bounds of each shaped matrix,
-        a number (rms bound) or ``None``.
-      raw_global_grad_clip: clip the matrix gradients' global L2 norm to this.
-      permissive_spike_protection: on a clipped spike, still take the step.
+      grad_clip_max_amps: ``(rms, elementwise)`` caps of each shaped matrix; a number ``a`` is ``(a, 10.0)``.
+      raw_global_grad_clip: spike threshold ``c`` on the matrix gradients' global L2 norm.
+      permissive_spike_protection: a spike is rescaled to norm ``c`` (True) or skipped (False).
       mu_dtype: storage dtype of the momenta (``None``: float32).
       axis_name: data-parallel axis over which the spike norm is summed.
-      key: seed or PRNG key, split between the PRISM and fallback paths.
+      key: int seed or PRNG key, split between the PRISM and fallback paths.
       adam_learning_rate: step size of the fallback (default ``learning_rate``).
       adam_b1: first-moment decay of the fallback.
       adam_b2: second-moment decay of the fallback.
       adam_eps: epsilon of the fallback.
-      prism_weight_dimension_numbers: explicit specs (pytree or callable),
-        overriding ``partition`` (rollfast 0.2 name).
-      partition: which leaves are matrices: a partitioner name (``"auto"``,
-        ``"equinox"``, ``"dimension_numbers"``), a partitioner, or a callable
-        ``(path, leaf) -> MatrixSpec | None``.
-      fallback: the family used for the other leaves.
+      prism_weight_dimension_numbers: explicit specs (pytree or callable), overriding ``partition``.
+      partition: which leaves are matrices: a partitioner name, a partitioner or ``(path, leaf) -> spec``.
+      fallback: the family name used for the other leaves.
       round: rounding rule for momenta stored in ``mu_dtype``.
 
-    >>> import jax.numpy as jnp, rollfast
-    >>> opt = rollfast.get("prism", learning_rate=0.1, mode="bidirectional", gamma=0.0)
-    >>> p = {"w": jnp.eye(2), "b": jnp.zeros(2)}
-    >>> u, _ = opt.update({"w": 3 * jnp.eye(2), "b": jnp.ones(2)}, opt.init(p), p)
-    >>> u["w"].round(3), u["b"].round(3)
-    (Array([[-0.1, -0. ],
-           [-0. , -0.1]], dtype=float32), Array([-0.1, -0.1], dtype=float32))
-    """
-    from rollfast_partition import MatrixSpec, as_partitioner, leaf_specs
+    Returns:
+      ``optax.partition`` of ``chain(scale_by_prism, scale_by_learning_rate)`` and the fallback.
 
-    if not isinstance(fallback, str):
-        raise TypeError(f"fallback must be a family name, got {fallback!r}")
+    References:
+      Yang, `PRISM: Structured Optimization via Anisotropic Spectral Shaping
+      <https://arxiv.org/abs/2602.03096>`_, 2026; Cesista, *Bidirectional-PRISM* (mode ``bidirectional``).
+
+    >>> import jax, jax.numpy as jnp, rollfast, rollfast.testing
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (64, 8)); y = x[:, :4] - 2 * x[:, 4:]
+    >>> loss = lambda p: jnp.mean((x @ p["w"] + p["b"] - y) ** 2)   # minimum 0
+    >>> opt = rollfast.get("prism", learning_rate=0.05)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}, loss, steps=60)
+    >>> [round(x, 3) for x in losses[::20]]   # the loss every 20 steps
+    [5.209, 2.908, 0.735, 0.14]
+    """
     partitioner = as_partitioner(partition if prism_weight_dimension_numbers is None
                                  else prism_weight_dimension_numbers)
     key_prism, key_fallback = jax.random.split(as_key(key))
-    matrix = optax.chain(
-        scale_by_prism(b1, gamma, ns_iters, mode, inv_steps, inv_eps, inv_scale, eps_gram, gamma_l,
-                       gamma_r, precision, nesterov, shape_nesterov, bias_correction, mu_dtype,
-                       raw_global_grad_clip, permissive_spike_protection, grad_clip_max_amps,
-                       partitioner, weight_decay, weight_decay_mask, axis_name, key_prism, round),
-        optax.scale_by_learning_rate(learning_rate))
-    wanted = dict(learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-                  b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay,
-                  weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype, round=round,
-                  axis_name=axis_name, key=key_fallback)
-    declared = rollfast.registry().lookup("family", fallback).parameter_names
-    rest = rollfast.get(fallback, **{k: v for k, v in wanted.items() if k in declared})
+    matrix = scale_by_prism(
+        b1=b1, gamma=gamma, ns_iters=ns_iters, mode=mode, inv_steps=inv_steps, inv_eps=inv_eps,
+        inv_scale=inv_scale, eps_gram=eps_gram, gamma_l=gamma_l, gamma_r=gamma_r, precision=precision,
+        nesterov=nesterov, shape_nesterov=shape_nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype,
+        raw_global_grad_clip=raw_global_grad_clip, permissive_spike_protection=permissive_spike_protection,
+        grad_clip_max_amps=grad_clip_max_amps, weight_dimension_numbers=partitioner, weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask, axis_name=axis_name, key=key_prism, round=round)
+    rest = fallback_family(
+        fallback, learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+        b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype, round=round, axis_name=axis_name, key=key_fallback)
+    paths = {"prism": optax.chain(matrix, optax.scale_by_learning_rate(learning_rate)), "fallback": rest}
+    return skip_nonfinite(optax.partition(paths, path_labels(partitioner)))
+
+
+def fallback_family(name: str, **options) -> optax.GradientTransformation:
+    """The family ``name`` built with those of ``options`` that it declares."""
+    if not isinstance(name, str):
+        raise TypeError(f"fallback must be a family name, got {name!r}")
+    declared = rollfast.registry().lookup("family", name).parameter_names
+    return rollfast.get(name, **{k: v for k, v in options.items() if k in declared})
+
+
+def path_labels(partitioner):
+    """``params -> labels``: ``"prism"`` where ``partitioner`` gives a matrix spec,
+    ``"fallback"`` elsewhere."""
+    is_spec = lambda s: s is None or isinstance(s, MatrixSpec)
 
     def labels(tree):
         return jax.tree.map(lambda s: "prism" if isinstance(s, MatrixSpec) else "fallback",
-                            leaf_specs(partitioner, tree), is_leaf=lambda s: s is None or isinstance(s, MatrixSpec))
+                            leaf_specs(partitioner, tree), is_leaf=is_spec)
 
-    return skip_nonfinite(optax.partition({"prism": matrix, "fallback": rest}, labels))
-
+    return labels
 
 
 def first_moment(state):
@@ -147,4 +161,4 @@ def _find_mu(state):
     return next((mu for mu in map(_find_mu, children) if mu is not None), None)
 
 
-__all__ = ["prism", "scale_by_prism", "ScaleByPrismState", "first_moment"]
+__all__ = ["prism", "scale_by_prism", "ScaleByPrismState", "PrismOptions", "first_moment"]
