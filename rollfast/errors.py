@@ -20,13 +20,16 @@ class UnknownNameError(LookupError):
     unknown family 'adamx'; did you mean 'adam' or 'adamw'? (`rollfast list --kind family` lists them all)
     """
 
-    def __init__(self, kind: str, name: str, valid: Iterable[str], *, hint: str | None = None):
-        self.kind, self.name = kind, name
+    def __init__(self, kind: str, name: str, valid: Iterable[str], *, hint: str | None = None,
+                 note: str | None = None):
+        self.kind, self.name, self.note = kind, name, note
         self.suggestions = tuple(closest(name, valid))
         hint = hint or f"`rollfast list --kind {kind}` lists them all"
         message = f"unknown {kind} {name!r}"
         if self.suggestions:
             message += f"; did you mean {_or(self.suggestions)}?"
+        if note:
+            message += f"; {note}"
         super().__init__(f"{message} ({hint})")
 
     def __str__(self) -> str:
