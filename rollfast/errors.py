@@ -36,6 +36,18 @@ class UnknownNameError(LookupError):
         return self.args[0]
 
 
+class CheckFailed(AssertionError):
+    """A conformance check failed: which check, on which contribution, where, by how much.
+
+    >>> print(CheckFailed("mode kron 'X'", "reference", "factor 0 (dense 5×5)", "relative error 1e-03 > 1e-05"))
+    mode kron 'X': check 'reference' failed at factor 0 (dense 5×5): relative error 1e-03 > 1e-05
+    """
+
+    def __init__(self, subject: str, check: str, where: str, detail: str):
+        self.subject, self.check, self.where, self.detail = subject, check, where, detail
+        super().__init__(f"{subject}: check {check!r} failed at {where}: {detail}")
+
+
 def closest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
     """The valid names closest to ``name``, best first (case-insensitive).
 
