@@ -360,6 +360,10 @@ class Registry:
         """The load-time warnings of one plugin (collisions, dropped registrations)."""
         return list(self.load()._warnings.get(plugin, ()))
 
+    def protocol_of(self, provider: Provider) -> list[str]:
+        """The families whose mode protocol ``provider`` declared."""
+        return sorted(f for f, p in self.load()._protocols.items() if p.provider == provider)
+
     def protocol(self, family: str) -> ModeProtocol | None:
         """The mode protocol a family's plugin declared, if any."""
         return self.load()._protocols.get(family.lower())
