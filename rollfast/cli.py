@@ -137,6 +137,8 @@ def _plugin_info(reg, plugin) -> int:
     print(f"plugin {pv.plugin} — distribution {pv.distribution} {pv.version}, module {plugin.module}")
     if plugin.error:
         print(f"error: {plugin.error}")
+    for note in reg.warnings(pv.plugin):
+        print(f"warning: {note}")
     own = [r for r in reg.records() if r.provider == pv]
     rows = [(f"  {r.kind}", f"{r.family} × {r.name}" if r.family else r.name, r.summary) for r in own]
     if rows:
@@ -163,6 +165,10 @@ def _plugins(reg) -> int:
             names = [f"{r.family} × {r.name}" if r.family else r.name for r in own if r.kind == kind]
             if names:
                 print(f"  {HEADINGS[kind]}: {', '.join(names)}")
+        lost = [f"{r.name} (held by {w.provider.plugin}; reach it as {r.qualified_name})"
+                for r, w in reg.shadowed(pv)]
+        if lost:
+            print(f"  collisions: {', '.join(lost)}")
         if reg.protocol_of(pv):
             print(f"  mode protocols: {', '.join(reg.protocol_of(pv))}")
         for note in ([p.error] if p.error else notes):

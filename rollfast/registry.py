@@ -360,6 +360,18 @@ class Registry:
         """The load-time warnings of one plugin (collisions, dropped registrations)."""
         return list(self.load()._warnings.get(plugin, ()))
 
+    def shadowed(self, provider: Provider) -> list[tuple[Contribution, Contribution]]:
+        """``(record, winner)`` for each name of ``provider``'s that another plugin holds
+        (the record stays reachable as ``"plugin:name"``)."""
+        out = []
+        for (kind, fam, _), record in self.load()._qualified.items():
+            if record.provider != provider:
+                continue
+            winner = self._records.get((kind, fam, record.name.lower()))
+            if winner is not None and winner is not record:
+                out.append((record, winner))
+        return out
+
     def protocol_of(self, provider: Provider) -> list[str]:
         """The families whose mode protocol ``provider`` declared."""
         return sorted(f for f, p in self.load()._protocols.items() if p.provider == provider)

@@ -142,6 +142,7 @@ def test_plugins_report_lists_contributions_collisions_and_warnings(fresh, capsy
     assert code == 0
     assert block.splitlines()[0].endswith("[2 warnings]")
     assert "already has; use 'clash:adamod'" in block and "unknown family 'krn'" in block
+    assert "collisions: adamod (held by example; reach it as clash:adamod)" in block
     example = out[out.index("\nexample ") + 1:].splitlines()
     assert example[1] == "  families: adamod" and example[2] == "  masks: trust_ratio"
     assert "mode protocols: kron" in out[out.index("psgd_protocol"):]
