@@ -2,8 +2,8 @@
 contribution of a kind passes, one line per contribution.
 
 >>> import rollfast.testing as rt
->>> rt.check_family("adamw")                                   # doctest: +SKIP
-['options', 'jit', 'leaves', 'non-finite', 'save/restore', 'sharded']
+>>> [name for name, _ in rt.checks("mask", "trust_ratio")]   # what check_mask("trust_ratio") runs
+['options', 'jit', 'leaves', 'non-finite', 'save/restore', 'sharded', 'inner state']
 
 ``check_mode("kron", "EXP")``, ``check_mask("trust_ratio")``, ``check_average(...)``,
 ``check_round(...)``, ``check_partition(...)`` do the same for the other kinds (a mode
