@@ -25,6 +25,8 @@ from collections.abc import Mapping
 
 from rollfast.errors import UnknownNameError
 from rollfast.registry import KINDS, Contribution, registry
+from rollfast.scaffold import KINDS as SCAFFOLD_KINDS
+from rollfast.scaffold import ScaffoldError, write_plugin
 
 SCHEMA = "rollfast.list/1"
 HEADINGS = {"family": "families", "mode": "modes", "mask": "masks", "average": "averages",
@@ -47,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="summary, parameters, modes, references and provider")
     p_info.add_argument("name", help="a family, mode, part or plugin name (or plugin:name)")
     p_info.add_argument("--kind", choices=KINDS, help="look only among this kind")
-    sub.add_parser("plugins", help="installed plugin distributions and load warnings")
+    sub.add_parser("plugins", help="per plugin: what it registered, collisions and load warnings")
+    p_new = sub.add_parser("new-plugin", help="write a new plugin package (scaffold) that passes the kit")
+    p_new.add_argument("name", help="the plugin's name, e.g. my_mode (the contribution's name too)")
+    p_new.add_argument("--kind", required=True, choices=SCAFFOLD_KINDS, help="what it contributes")
+    p_new.add_argument("--family", help="the family a mode attaches to (e.g. kron)")
+    p_new.add_argument("--dest", default=".", help="directory to create the package in (default: .)")
     sub.add_parser("compare", help="run optimizers side by side (`rollfast compare --help`)")
     args = parser.parse_args(argv)
 
@@ -61,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return _list(reg, args)
         if args.command == "info":
             return _info(reg, args.name, args.kind)
+        if args.command == "new-plugin":
+            return _new_plugin(args)
         return _plugins(reg)
-    except UnknownNameError as exc:
+    except (UnknownNameError, ScaffoldError) as exc:
         print(f"rollfast: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `rollfast list | head`: the reader left, nothing to report
@@ -134,6 +143,8 @@ def _plugin_info(reg, plugin) -> int:
     print(f"plugin {pv.plugin} — distribution {pv.distribution} {pv.version}, module {plugin.module}")
     if plugin.error:
         print(f"error: {plugin.error}")
+    for note in reg.warnings(pv.plugin):
+        print(f"warning: {note}")
     own = [r for r in reg.records() if r.provider == pv]
     rows = [(f"  {r.kind}", f"{r.family} × {r.name}" if r.family else r.name, r.summary) for r in own]
     if rows:
@@ -148,13 +159,33 @@ def _plugin_info(reg, plugin) -> int:
 
 
 def _plugins(reg) -> int:
-    rows = []
+    """Per plugin: distribution, status, what it registered, and its load-time warnings."""
+    records = reg.records()
     for p in reg.plugins():
         pv = p.provider
-        state = f"error: {p.error}" if p.error else "ok"
-        rows.append((pv.plugin, f"{pv.distribution} {pv.version}".strip(), state))
-    _table([("plugin", "distribution", "status"), *rows])
+        notes = reg.warnings(pv.plugin)
+        status = "error" if p.error else f"{len(notes)} warning{'s' * (len(notes) != 1)}" if notes else "ok"
+        print(f"{pv.plugin}  {pv.distribution} {pv.version}".rstrip() + f"  [{status}]")
+        own = [r for r in records if r.provider == pv]
+        for kind in KINDS:
+            names = [f"{r.family} × {r.name}" if r.family else r.name for r in own if r.kind == kind]
+            if names:
+                print(f"  {HEADINGS[kind]}: {', '.join(names)}")
+        lost = [f"{r.name} (held by {w.provider.plugin}; reach it as {r.qualified_name})"
+                for r, w in reg.shadowed(pv)]
+        if lost:
+            print(f"  collisions: {', '.join(lost)}")
+        if reg.protocol_of(pv):
+            print(f"  mode protocols: {', '.join(reg.protocol_of(pv))}")
+        for note in ([p.error] if p.error else notes):
+            print(f"  {'error' if p.error else 'warning'}: {note}")
     return 0 if not any(p.error for p in reg.plugins()) else 1
+
+
+def _new_plugin(args) -> int:
+    root = write_plugin(args.name, args.kind, family=args.family, dest=args.dest)
+    print(f"wrote {root}/ — `pip install -e {root}` then `pytest {root}` runs the conformance kit")
+    return 0
 
 
 def _find(reg, name: str, kind: str | None) -> Contribution | None:
@@ -167,10 +198,12 @@ def _find(reg, name: str, kind: str | None) -> Contribution | None:
             pass
     if kind in (None, "mode"):
         family, _, mode = name.rpartition("/")
-        modes = [m for m in reg.records("mode") if (not family or m.family == family.lower())
-                 and mode.lower() in [n.lower() for n in (m.name, *m.aliases)]]
-        if modes:
-            return modes[0]
+        families = [family] if family else sorted({m.family for m in reg.records("mode")})
+        for fam in families:
+            try:
+                return reg.lookup("mode", mode, fam)  # a name, an alias or "plugin:NAME"
+            except UnknownNameError:
+                pass
     return None
 
 

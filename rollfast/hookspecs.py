@@ -17,7 +17,15 @@ Every ``register`` call accepts the same descriptive keywords:
 ``references``  papers or URLs shown by ``rollfast info``;
 ``priority``    between two first-party plugins claiming one name, the higher wins
                 (default 0); the loser stays reachable as ``"<plugin>:<name>"``;
-``**metadata``  anything else, kept verbatim on the record (``record.metadata``).
+``metadata``    a mapping of anything else, kept verbatim on the record
+                (``record.metadata``) — the one spelling for free-form data.
+
+Any other keyword (beyond those a kind documents, e.g. ``first_moment``) is a mistake:
+when the registry loads, that registration is dropped with a
+:class:`~rollfast.RollfastPluginWarning` naming the plugin and suggesting the keyword
+meant. So is a registration that cannot work: a mode of an unknown family, a mode whose
+keywords its family's mode protocol rejects, a factory whose signature lacks what its
+kind requires. ``rollfast plugins`` lists every warning.
 
 A contribution's *parameters* are read from its factory's signature (name,
 default) and from the ``Args:`` section of its docstring (one line of doc each),
@@ -81,8 +89,20 @@ def precondition(register):
     (``rollfast_psgd.factors.FactorTerms``: Gram ``t1``, ``t2 = n/d``, step
     ``eta``, bound, random probe), returning ``(q, qᵀq)`` instead when the geometry
     has formed ``qᵀq`` anyway — and optionally ``update_diag(q, terms) -> q``,
-    ``statistic`` (``"Ph"`` or ``"Qh"``) and ``inverse_probe`` (bool); the prism
-    family asks for ``shape(T, D, **options)``.
+    ``statistic`` (``"Ph"`` or ``"Qh"``) and ``inverse_probe`` (bool), plus in
+    ``metadata`` its float64 NumPy reference ``reference_dense(q, terms) -> q`` (``q`` a
+    float64 ``(d, d)`` array; ``terms`` with float64 ``t1``, ``t2``, ``eta``, ``bound``,
+    ``probe``, ``newton_schulz_iters``; returns the moved factor) and the
+    ``invariants`` it keeps (``"symmetric"``, ``"upper_triangular"``, ``"spd"``), which
+    the conformance kit checks; the prism family asks for ``shape(T, D, **options)``.
+
+    ``register.mode_protocol(family, required=(), optional=(), prepare=None,
+    conformance=None, scaffold=None)`` declares a family's mode protocol: the
+    implementation keywords of its modes (checked when the registry loads, with
+    did-you-mean), ``prepare(record) -> impl`` (checks values, may wrap functions),
+    ``conformance(record) -> [(check, fn), ...]`` (run by ``rollfast.testing.check_mode``)
+    and ``scaffold(NAME) -> module text`` (``rollfast new-plugin --kind mode``). A family
+    without a protocol accepts any keywords.
 
     ``register.export(name, obj)`` (on every registrar) publishes a top-level
     ``rollfast.<name>`` attribute, resolved lazily on first access.

@@ -34,7 +34,7 @@ def precondition(register):
     entries, skipped = catalogue()
     for entry in entries:
         register.family(entry.name, wrap(entry), priority=-1,
-                        references=references(entry.function), source=entry.source,
+                        references=references(entry.function), metadata={"source": entry.source},
                         update_args=entry.update_args, first_moment=first_moment)
     register.export("optax_catalogue_skipped", Skipped(skipped))
 

@@ -1,4 +1,5 @@
-"""The plugin test kit: standard problems and checks any plugin's tests can reuse.
+"""Standard problems any plugin's tests can reuse: trees of awkward leaves, losses
+with known minima, and a jitted training loop.
 
 >>> import rollfast.testing as rt
 >>> sorted(rt.mixed_tree())
@@ -27,6 +28,32 @@ def mixed_tree(dtype=None, seed: int = 0) -> dict:
         "nothing": None,
         "count": jnp.arange(3, dtype=jnp.int32),
     }
+
+
+def kit_tree(seed: int = 0) -> dict:
+    """:func:`mixed_tree` with an ``(8, 5)`` matrix (it shards over 8 devices), plus a
+    bfloat16 3-D leaf and an empty leaf: every leaf kind the conformance checks run on.
+
+    >>> t = kit_tree()
+    >>> sorted((k, None if v is None else (v.shape, str(v.dtype))) for k, v in t.items())[:3]
+    [('bias', ((7,), 'float32')), ('conv', ((3, 3, 2, 4), 'float32')), ('count', ((3,), 'int32'))]
+    """
+    k = jax.random.split(jax.random.PRNGKey(seed + 100), 2)
+    return {**mixed_tree(seed=seed),
+            "matrix": jax.random.normal(k[0], (8, 5), jnp.float32) / 3,
+            "half": (jax.random.normal(k[1], (2, 3, 4)) / 3).astype(jnp.bfloat16),
+            "empty": jnp.zeros((0, 3), jnp.float32)}
+
+
+def mode_tree(seed: int = 0) -> dict:
+    """The leaves whose matrix factors a mode moves: the ``(8, 5)`` matrix, a vector and
+    the bfloat16 3-D leaf of :func:`kit_tree`.
+
+    >>> sorted(mode_tree())
+    ['bias', 'half', 'matrix']
+    """
+    tree = kit_tree(seed)
+    return {k: tree[k] for k in ("matrix", "bias", "half")}
 
 
 def quadratic_loss(target: dict) -> Callable:
