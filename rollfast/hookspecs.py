@@ -17,11 +17,15 @@ Every ``register`` call accepts the same descriptive keywords:
 ``references``  papers or URLs shown by ``rollfast info``;
 ``priority``    between two first-party plugins claiming one name, the higher wins
                 (default 0); the loser stays reachable as ``"<plugin>:<name>"``;
+``constraints`` ``{option: Constraint}`` for options whose factory signature cannot
+                carry ``Annotated[..., Constraint]`` (see :mod:`rollfast.constraints`);
 ``**metadata``  anything else, kept verbatim on the record (``record.metadata``).
 
 A contribution's *parameters* are read from its factory's signature (name,
 default) and from the ``Args:`` section of its docstring (one line of doc each),
-so they are written once. Lookups of names are case-insensitive.
+so they are written once; so are the values each allows (``Annotated[float, Beta]``,
+see :mod:`rollfast.constraints`), which ``rollfast.get`` checks before building.
+Lookups of names are case-insensitive.
 
 How ``rollfast.get(name, **options)`` uses the contributions
 ------------------------------------------------------------

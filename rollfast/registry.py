@@ -113,12 +113,12 @@ class Registrar:
                                          summary=summary(obj)))
 
     def _add(self, kind, name, factory, skip, *, aliases=(), summary: str | None = None,
-             references=(), priority: int = 0, **metadata) -> None:
+             references=(), priority: int = 0, constraints: Mapping | None = None, **metadata) -> None:
         if not callable(factory):
             raise TypeError(f"{kind} {name!r}: factory must be callable, got {factory!r}")
         record = Contribution(
             kind, name, factory, self._provider, aliases=tuple(aliases),
-            parameters=parameters(factory, skip=skip),
+            parameters=parameters(factory, skip=skip, constraints=dict(constraints or {})),
             summary=summary if summary is not None else _first_summary([factory]),
             references=tuple(references), priority=priority, metadata=metadata)
         self._registry._add(record)

@@ -1,0 +1,220 @@
+r"""The core's guards around every chain :func:`rollfast.get` builds.
+
+*Leaf rules* (innermost, around the family): only non-empty floating leaves reach
+the family; ``None`` leaves come back as ``None``, integer and empty leaves get zero
+updates. Their state, :class:`CoreState`, also holds the count of skipped steps.
+
+*Non-finite policy* (outermost, around every wrapper): with ``nonfinite="skip"``
+(the default), a step whose gradient :math:`g_t` or floating update argument
+:math:`a_t` (e.g. ``value=``) has a NaN or infinite entry changes nothing but the
+skip counter:
+
+.. math::
+    (u_t, s_{t+1}) = \begin{cases} \mathrm{chain}(g_t, s_t, a_t) & g_t, a_t \text{ finite}\\
+                                   (0,\ s_t \text{ with } k \leftarrow k + 1) & \text{otherwise}\end{cases}
+
+so neither the family nor a wrapper (masking, averaging) ever sees the step.
+:func:`skipped_steps` reads :math:`k`. ``nonfinite="propagate"`` leaves the
+arithmetic to the parts (a non-finite gradient then reaches them).
+
+*Layout check*: ``update`` on a tree that differs from the one given to ``init``
+(other keys, another shape) raises a ``ValueError`` naming the first differing path
+instead of failing deep inside a family or broadcasting silently.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rollfast.toolbox import all_finite_fast, run_unless_skipped
+
+NONFINITE = ("skip", "propagate")
+
+__all__ = ["NONFINITE", "CoreState", "guard", "leaf_rules", "skipped_steps"]
+
+
+class CoreState(NamedTuple):
+    """The family's state (``None`` leaves as ``optax.MaskedNode``) and the number of
+    steps the non-finite policy skipped."""
+
+    inner_state: object
+    skipped: jax.Array
+
+
+def _is_float(x) -> bool:
+    return x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact) and jnp.size(x) > 0
+
+
+def _float_mask(tree):
+    return jax.tree.map(_is_float, tree, is_leaf=lambda x: x is None)
+
+
+def leaf_rules(inner: optax.GradientTransformation, needs: tuple[str, ...] = (),
+               owner: str = "the family") -> optax.GradientTransformationExtraArgs:
+    """``inner`` on the non-empty floating leaves only, with state :class:`CoreState`.
+
+    Args:
+      inner: the family's transformation.
+      needs: names of update arguments ``inner`` needs at every step.
+      owner: how error messages name the family.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``: ``None`` leaves map to ``None``,
+      integer and empty leaves to zeros; update arguments shaped like the updates get
+      the same holes.
+
+    >>> import jax.numpy as jnp
+    >>> tx = leaf_rules(optax.sgd(1.0))
+    >>> u, s = tx.update({"w": jnp.ones(2), "i": jnp.arange(2), "n": None},
+    ...                  tx.init({"w": jnp.ones(2), "i": jnp.arange(2), "n": None}))
+    >>> u["w"].tolist(), u["i"].tolist(), u["n"], int(s.skipped)
+    ([-1.0, -1.0], [0, 0], None, 0)
+    """
+    masked = optax.masked(inner, _float_mask, mask_compatible_extra_args=True)
+
+    def init(params):
+        return CoreState(masked.init(params).inner_state, jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, **extra):
+        missing = [a for a in needs if a not in extra]
+        if missing:
+            raise TypeError(f"{owner} needs update(..., {', '.join(f'{a}=' for a in missing)}) "
+                            f"at every step")
+        updates, inner_state = masked.update(updates, optax.MaskedState(state.inner_state), params,
+                                             **extra)
+        zero_ints = lambda u: u if u is None or _is_float(u) else jnp.zeros_like(u)
+        updates = jax.tree.map(zero_ints, updates, is_leaf=lambda x: x is None)
+        return updates, CoreState(inner_state.inner_state, state.skipped)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
+          ) -> optax.GradientTransformationExtraArgs:
+    """The non-finite policy and the layout check around a whole chain (see the module
+    docstring). ``inner``'s state must hold a :class:`CoreState`, reached through
+    ``inner_state`` fields.
+
+    Args:
+      inner: the chain, leaf rules innermost.
+      nonfinite: ``"skip"`` or ``"propagate"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
+
+    >>> import jax.numpy as jnp
+    >>> tx = guard(leaf_rules(optax.adam(0.1)))
+    >>> s = tx.init({"w": jnp.ones(2)})
+    >>> u, s2 = tx.update({"w": jnp.array([1.0, jnp.nan])}, s)
+    >>> u["w"].tolist(), skipped_steps(s2), bool((s2.inner_state[0].mu["w"] == 0).all())
+    ([0.0, 0.0], 1, True)
+    """
+    layouts: list[_Layout] = []
+
+    def init(params):
+        layout = _Layout.of(params)
+        if layout not in layouts:
+            layouts.append(layout)
+        return inner.init(params)
+
+    def update(updates, state, params=None, **extra):
+        _check_layout(layouts, updates, params)
+        step = lambda g, s: inner.update(g, s, params, **extra)
+        if nonfinite == "propagate":
+            return step(updates, state)
+        ok = all_finite_fast([updates, _numeric(extra)])
+        if isinstance(ok, jax.core.Tracer):
+            updates, new = run_unless_skipped(ok, step, updates, state)
+        else:  # eager: run the step op by op, exactly as the parts alone would
+            updates, new = step(updates, state) if bool(ok) else run_unless_skipped(ok, step, updates, state)
+        return updates, _bump(new, (~ok).astype(jnp.int32))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def skipped_steps(state) -> jax.Array:
+    """How many steps the non-finite policy skipped, from any state of a chain built by
+    :func:`rollfast.get` (an int32 scalar; ``int()`` it for logging).
+
+    Args:
+      state: the optimizer state (outermost, as ``opt.init`` / ``opt.update`` return it).
+
+    >>> import jax.numpy as jnp, rollfast
+    >>> opt = rollfast.get("adamw", learning_rate=0.1)
+    >>> p = {"w": jnp.ones(2)}
+    >>> _, state = opt.update({"w": jnp.array([jnp.inf, 1.0])}, opt.init(p), p)
+    >>> int(rollfast.skipped_steps(state))
+    1
+    """
+    return _core(state).skipped
+
+
+def _core(state) -> CoreState:
+    seen = state
+    while not isinstance(seen, CoreState):
+        if not hasattr(seen, "inner_state"):
+            raise TypeError(f"not a state of an optimizer built by rollfast.get: no CoreState "
+                            f"inside {type(state).__name__} (wrappers keep the wrapped state in a "
+                            f"field `inner_state`)")
+        seen = seen.inner_state
+    return seen
+
+
+def _bump(state, by):
+    """``state`` with the :class:`CoreState` counter inside it increased by ``by``."""
+    if isinstance(state, CoreState):
+        return state._replace(skipped=state.skipped + by)
+    if not hasattr(state, "_replace"):
+        raise TypeError(f"a wrapper's state must be a NamedTuple with a field `inner_state`; "
+                        f"got {type(state).__name__}")
+    return state._replace(inner_state=_bump(state.inner_state, by))
+
+
+def _numeric(extra: dict) -> list:
+    """The array and number leaves of the update arguments (not callables such as ``value_fn``)."""
+    kinds = (jax.Array, np.ndarray, np.generic, float, complex)
+    return [x for x in jax.tree.leaves(extra) if isinstance(x, kinds)]
+
+
+class _Layout(NamedTuple):
+    """Paths and shapes of a parameter tree (``None`` positions included)."""
+
+    treedef: object
+    paths: tuple
+    shapes: tuple
+
+    @classmethod
+    def of(cls, tree) -> _Layout:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+        return cls(treedef, tuple(jax.tree_util.keystr(p) for p, _ in leaves),
+                   tuple(_shape(x) for _, x in leaves))
+
+
+def _shape(x):
+    return None if x is None else tuple(np.shape(x))
+
+
+def _check_layout(layouts: list[_Layout], updates, params) -> None:
+    """Raise when ``updates`` matches none of the trees given to ``init`` (or, when
+    ``init`` was not called on this object, ``params``)."""
+    references = layouts or ([_Layout.of(params)] if params is not None else [])
+    if not references:
+        return
+    seen = _Layout.of(updates)
+    if any(seen.treedef == r.treedef and seen.shapes == r.shapes for r in references):
+        return
+    reference = references[-1]
+    got, want = dict(zip(seen.paths, seen.shapes)), dict(zip(reference.paths, reference.shapes))
+    order = list(reference.paths) + [p for p in seen.paths if p not in want]
+    path = next((p for p in order if got.get(p, "missing") != want.get(p, "missing")),
+                order[0] if order else "")
+    show = lambda s: "missing" if s == "missing" else "None" if s is None else f"shape {s}"
+    raise ValueError(
+        f"update: the gradient tree differs from the one given to init; first difference at "
+        f"{path or '<root>'}: init had {show(want.get(path, 'missing'))}, update has "
+        f"{show(got.get(path, 'missing'))} (init: {reference.treedef}; update: {seen.treedef})")
