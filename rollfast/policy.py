@@ -17,6 +17,11 @@ so neither the family nor a wrapper (masking, averaging) ever sees the step.
 :func:`skipped_steps` reads :math:`k`. ``nonfinite="propagate"`` leaves the
 arithmetic to the parts (a non-finite gradient then reaches them).
 
+*Sharding of the state*: a state leaf shaped like a parameter, at a path that
+contains that parameter's path (``mu['w']`` for ``params['w']``), is laid out like
+the parameter: under ``jax.jit(opt.init)`` through ``shard_alike``, eagerly by
+``device_put`` onto the parameter's sharding.
+
 *Layout check*: ``update`` on a tree that differs from the one given to ``init``
 (other keys, another shape) raises a ``ValueError`` naming the first differing path
 instead of failing deep inside a family or broadcasting silently.
@@ -30,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from rollfast.toolbox import all_finite_fast, run_unless_skipped
 
 NONFINITE = ("skip", "propagate")
 
-__all__ = ["NONFINITE", "CoreState", "guard", "leaf_rules", "skipped_steps"]
+__all__ = ["NONFINITE", "CoreState", "follow_sharding", "guard", "leaf_rules", "skipped_steps"]
 
 
 class CoreState(NamedTuple):
@@ -120,7 +126,8 @@ def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
         layout = _Layout.of(params)
         if layout not in layouts:
             layouts.append(layout)
-        return inner.init(params)
+        state = inner.init(params)
+        return follow_sharding(state, params) if jax.device_count() > 1 else state
 
     def update(updates, state, params=None, **extra):
         _check_layout(layouts, updates, params)
@@ -135,6 +142,44 @@ def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
         return updates, _bump(new, (~ok).astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def follow_sharding(state, params):
+    """``state`` with every leaf shaped like a parameter, at a path containing that
+    parameter's path, laid out like the parameter (see the module docstring).
+
+    Args:
+      state: an optimizer state.
+      params: the parameters it was built for.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"w": jnp.ones(2)}
+    >>> follow_sharding({"mu": {"w": jnp.zeros(2)}}, p)["mu"]["w"].sharding == p["w"].sharding
+    True
+    """
+    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if np.ndim(leaf) > 0}
+
+    def follow(path, leaf):
+        param = _owner(tuple(path), np.shape(leaf), by_path) if np.ndim(leaf) > 0 else None
+        if param is None:
+            return leaf
+        if isinstance(param, jax.core.Tracer) or isinstance(leaf, jax.core.Tracer):
+            return shard_alike(leaf, param)[0]
+        sharding = getattr(param, "sharding", None)
+        return leaf if sharding is None else jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map_with_path(follow, state)
+
+
+def _owner(path: tuple, shape: tuple, by_path: dict):
+    """The parameter of shape ``shape`` whose path is the longest contiguous part of ``path``."""
+    for length in range(len(path), 0, -1):
+        for start in range(len(path) - length + 1):
+            param = by_path.get(path[start:start + length])
+            if param is not None and np.shape(param) == shape:
+                return param
+    return None
 
 
 def skipped_steps(state) -> jax.Array:
@@ -213,7 +258,7 @@ def _check_layout(layouts: list[_Layout], updates, params) -> None:
     order = list(reference.paths) + [p for p in seen.paths if p not in want]
     path = next((p for p in order if got.get(p, "missing") != want.get(p, "missing")),
                 order[0] if order else "")
-    show = lambda s: "missing" if s == "missing" else "None" if s is None else f"shape {s}"
+    show = lambda s: "no leaf" if s == "missing" else "None" if s is None else f"shape {s}"
     raise ValueError(
         f"update: the gradient tree differs from the one given to init; first difference at "
         f"{path or '<root>'}: init had {show(want.get(path, 'missing'))}, update has "

@@ -203,7 +203,7 @@ def test_non_finite_entries_are_dropped_and_clip_protects_the_family():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="weighting_mode must be one of .*'practical'"):
+    with pytest.raises(ValueError, match="weighting_mode='linear' is not allowed by average 'schedule_free'.*one of .*'practical'"):
         rollfast.get("adamw", learning_rate=0.1, average="schedule_free", weighting_mode="linear")
     opt = rollfast.get("adamw", learning_rate=0.1, average="schedule_free")
     p = {"w": jnp.ones(2)}

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.constraints import Positive, Probability, Seed
 from rollfast.toolbox import absent, as_key, is_float, keep_if, sum_of_squares
 
 EMA_DECAY = 0.9
@@ -60,7 +61,8 @@ class MagmaState(NamedTuple):
     key: object
 
 
-def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_name=None):
+def magma(inner, *, first_moment=None, magma_p: Probability = 0.5, magma_tau: Positive = 2.0,
+          key: Seed = 42, axis_name=None):
     r"""Drop each leaf's update with probability 1 − p and damp the survivors by their score.
 
     :math:`\Delta' = b\,s\,\Delta`, :math:`b\sim\mathrm{Bernoulli}(p)` per leaf,
@@ -82,11 +84,6 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
     >>> opt.update({"w": jnp.array([1.0, -1.0])}, opt.init(p), p)[0]["w"]   # cos = 1
     Array([-0.51225..., 0.51225...], dtype=float32)
     """
-
-    if not 0.0 <= magma_p <= 1.0:
-        raise ValueError(f"magma_p must be in [0, 1]; got {magma_p}")
-    if not magma_tau > 0.0:
-        raise ValueError(f"magma_tau must be > 0; got {magma_tau}")
 
     def family_moment(inner_state):
         return first_moment(inner_state) if first_moment is not None else None

@@ -10,7 +10,8 @@ non-finite gradients, add ``mask="clip"``. Families register with ``priority=-1`
 plugin has the same name (``adam``, ``adamw``) the plain name reaches it, and
 ``optax:adamw`` always reaches Optax's.
 
-Registration metadata of every family: ``source`` (the dotted Optax name),
+Options are checked when the optimizer is built (:func:`constraints`: the learning
+rate and the decay rates ``b1``/``b2``/``b3``). Registration metadata of every family: ``source`` (the dotted Optax name),
 ``update_args`` (extra keywords that ``update`` needs, e.g. ``("value",)`` for
 ``polyak_sgd``) and ``first_moment`` (the ``mu`` of the first state of the chain,
 when there is one). Public Optax callables that transform gradients but are not
@@ -25,6 +26,10 @@ import inspect
 import re
 
 import rollfast
+from rollfast.constraints import BETA, LEARNING_RATE, Nullable
+
+# Options whose meaning is the same in every Optax optimizer that has them.
+BETAS = ("b1", "b2", "b3")
 
 
 @rollfast.hookimpl
@@ -35,8 +40,32 @@ def precondition(register):
     for entry in entries:
         register.family(entry.name, wrap(entry), priority=-1,
                         references=references(entry.function), source=entry.source,
-                        update_args=entry.update_args, first_moment=first_moment)
+                        update_args=entry.update_args, first_moment=first_moment,
+                        constraints=constraints(entry.function))
     register.export("optax_catalogue_skipped", Skipped(skipped))
+
+
+def constraints(function) -> dict:
+    """The constraints rollfast declares for an Optax optimizer's options: a
+    ``learning_rate`` is a positive number or a schedule (or ``None`` where that is
+    Optax's default, e.g. ``lbfgs``' line search), the decay rates ``b1``, ``b2``,
+    ``b3`` are in [0, 1).
+
+    Args:
+      function: the Optax optimizer.
+
+    >>> import optax
+    >>> {k: str(v) for k, v in constraints(optax.lion).items()}["b1"]
+    'a number in [0, 1)'
+    >>> str(constraints(optax.lbfgs)["learning_rate"])
+    'None or a number > 0, or a schedule (callable step → value)'
+    """
+    params = inspect.signature(function).parameters
+    out = {name: BETA for name in BETAS if name in params}
+    if "learning_rate" in params:
+        nullable = params["learning_rate"].default is None
+        out["learning_rate"] = Nullable(LEARNING_RATE) if nullable else LEARNING_RATE
+    return out
 
 
 class Skipped(dict):

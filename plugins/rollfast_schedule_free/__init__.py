@@ -22,16 +22,18 @@ small steps and small weights. :func:`schedule_free_eval_params` recovers
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.constraints import Choice, FloatDtype, Probability, Seed
 from rollfast.toolbox import absent, as_key, is_float, leaf_keys, resolve
 
 WEIGHTINGS = ("theoretical", "practical", "schedulet")
+Weighting = Annotated[str, Choice(*WEIGHTINGS)]
 KEY_TAG = 0x5346  # folded into the user's key, so the wrapper's stream differs from the family's
 
 
@@ -55,8 +57,9 @@ class ScheduleFreeState(NamedTuple):
     key: object
 
 
-def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9,
-                  state_dtype=None, round="stochastic", key=42):
+def schedule_free(inner, *, learning_rate, weighting_mode: Weighting = "schedulet",
+                  sf_b1: Probability = 0.9, state_dtype: FloatDtype = None, round="stochastic",
+                  key: Seed = 42):
     r"""Schedule-Free averaging: hold y, step z with the wrapped optimizer, evaluate at the average x.
 
     Per step, with :math:`\beta = \max(b_1, 10^{-8})`, :math:`\Delta` the wrapped
@@ -96,9 +99,6 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     """
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
-    if mode not in WEIGHTINGS:
-        raise ValueError(f"weighting_mode must be one of {', '.join(map(repr, WEIGHTINGS))} "
-                         f"(any case); got {weighting_mode!r}")
     z_rounding, out_rounding = resolve("round", "stochastic"), resolve("round", round, default="nearest", option="round")
 
     def init(params):
