@@ -52,9 +52,8 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
       rollfast.UnknownNameError: an unknown family, mode or part (with the
         closest valid names).
       TypeError: an option that no chosen part declares, or a missing required one.
-      ValueError, TypeError: an option value that its parameter's constraint does
-        not allow (:mod:`rollfast.constraints`), naming the option, the part, the
-        value and what is allowed.
+      ValueError, TypeError: a value its parameter's constraint does not allow
+        (:mod:`rollfast.constraints`): names the option, part, value, what is allowed.
 
     >>> import jax.numpy as jnp, optax, rollfast
     >>> opt = rollfast.get("adamw", learning_rate=1e-2)
@@ -63,10 +62,6 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
     >>> optax.apply_updates(params, updates)["w"]
     Array([0.98999, 0.98999, 0.98999], dtype=float32)
     """
-    import optax
-
-    from rollfast.policy import guard, leaf_rules
-
     check(NONFINITE_CHOICE, nonfinite, option="nonfinite", part="rollfast.get")
     reg = registry()
     family = reg.lookup("family", name)
@@ -74,10 +69,7 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
     averages = [reg.lookup("average", a) for a in _names(average)]
     explicit = [family, *masks, *averages]
 
-    given = {s: options.pop(s) for s in SERVICES if s in options}
-    for service in given:
-        if not any(service in p.parameter_names for p in explicit):
-            raise TypeError(_no_taker(service, explicit))
+    given = _services_given(options, explicit)
     resolved: dict[tuple[str, str], Contribution] = {}
 
     def services_of(part: Contribution) -> dict:
@@ -100,13 +92,41 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
     service_parts = [r for r in resolved.values() if r.factory is not None]
 
     parts = explicit + service_parts
-    lr = options.get("learning_rate", _default(family, "learning_rate"))
     unclaimed = [o for o in options if not any(o in p.parameter_names for p in parts)]
     autos = [m for m in reg.records("mask")
              if m not in masks and any(o in _triggers(m) for o in unclaimed)]
-    routed: dict[int, dict] = {id(p): {} for p in parts + autos}
     for m in autos:
         part_services[id(m)] = services_of(m)
+    routed = _route(options, parts, autos, family)
+    for p in parts + autos:
+        _check_required(p, routed[id(p)], part_services.get(id(p), {}))
+
+    built = {id(r): r if r.kind == "mode" else r.factory(**routed.get(id(r), {}))
+             for r in resolved.values()}
+
+    def inject(p: Contribution) -> dict:
+        return {s: built.get(id(v), v) for s, v in part_services[id(p)].items()}
+
+    wrappers = sorted(masks + autos, key=lambda r: r.metadata.get("order", 0)) + averages
+    return _assemble(family, wrappers, routed, inject, nonfinite.lower())
+
+
+def _services_given(options: dict, explicit: list[Contribution]) -> dict:
+    """The service options (``mode``, ``round``, ``partition``), taken out of ``options``;
+    each must be declared by a chosen part."""
+    given = {s: options.pop(s) for s in SERVICES if s in options}
+    for service in given:
+        if not any(service in p.parameter_names for p in explicit):
+            raise TypeError(_no_taker(service, explicit))
+    return given
+
+
+def _route(options: dict, parts: list[Contribution], autos: list[Contribution],
+           family: Contribution) -> dict[int, dict]:
+    """Each option to every part that declares it, checked against that parameter's
+    constraint; a wrapper declaring ``learning_rate`` gets the family's."""
+    lr = options.get("learning_rate", _default(family, "learning_rate"))
+    routed: dict[int, dict] = {id(p): {} for p in parts + autos}
     for option, value in options.items():
         takers = [p for p in parts + autos if option in p.parameter_names]
         if not takers:
@@ -117,23 +137,27 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
         _check_values(p, routed[id(p)])
         if p is not family and "learning_rate" in p.parameter_names:
             routed[id(p)].setdefault("learning_rate", lr)
-        _check_required(p, routed[id(p)], part_services.get(id(p), {}))
+    return routed
 
-    built = {id(r): r if r.kind == "mode" else r.factory(**routed.get(id(r), {}))
-             for r in resolved.values()}
 
-    def inject(p: Contribution) -> dict:
-        return {s: built.get(id(v), v) for s, v in part_services[id(p)].items()}
+def _assemble(family: Contribution, wrappers: list[Contribution], routed: dict,
+              inject: Callable, nonfinite: str):
+    """``guard(averages(masks(leaf_rules(family))))`` from the routed options."""
+    import optax
+
+    from rollfast.policy import guard, leaf_rules
 
     tx = leaf_rules(family.factory(**routed[id(family)], **inject(family)),
-                    tuple(family.metadata.get("update_args", ())), family.describe())
+                    tuple(family.metadata.get("update_args", ())), family.describe(),
+                    complex_leaves=bool(family.metadata.get("complex_leaves", False)))
     first_moment = _through(family.metadata.get("first_moment"))
-    for m in sorted(masks + autos, key=lambda r: r.metadata.get("order", 0)):
-        tx = m.factory(tx, first_moment=first_moment, **routed[id(m)], **inject(m))
-        first_moment = _through(first_moment)
-    for a in averages:
-        tx = a.factory(tx, **routed[id(a)], **inject(a))
-    return guard(optax.with_extra_args_support(tx), nonfinite.lower())
+    for w in wrappers:
+        if w.kind == "mask":
+            tx = w.factory(tx, first_moment=first_moment, **routed[id(w)], **inject(w))
+            first_moment = _through(first_moment)
+        else:
+            tx = w.factory(tx, **routed[id(w)], **inject(w))
+    return guard(optax.with_extra_args_support(tx), nonfinite)
 
 
 def available(kind: str | None = None, family: str | None = None) -> list[Contribution]:

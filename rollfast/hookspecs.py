@@ -75,6 +75,8 @@ def precondition(register):
         (the default) means the family keeps none visible.
     ``update_args``   names of extra keyword arguments that ``update`` needs
         (e.g. ``("value",)`` for a Polyak step); shown by ``rollfast info``.
+    ``complex_leaves`` ``True`` if the family handles complex parameters; otherwise
+        ``init`` rejects a complex leaf, naming it.
 
     ``register.mode(family, name, **impl)`` attaches a mode to a family that may
     be registered by any other plugin. ``impl`` is what the family's *mode

@@ -29,6 +29,7 @@ instead of failing deep inside a family or broadcasting silently.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -61,13 +62,16 @@ def _float_mask(tree):
 
 
 def leaf_rules(inner: optax.GradientTransformation, needs: tuple[str, ...] = (),
-               owner: str = "the family") -> optax.GradientTransformationExtraArgs:
+               owner: str = "the family", complex_leaves: bool = False
+               ) -> optax.GradientTransformationExtraArgs:
     """``inner`` on the non-empty floating leaves only, with state :class:`CoreState`.
 
     Args:
       inner: the family's transformation.
       needs: names of update arguments ``inner`` needs at every step.
       owner: how error messages name the family.
+      complex_leaves: whether the family handles complex leaves (registered as
+        ``complex_leaves=True``); if not, ``init`` rejects them, naming the leaf.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: ``None`` leaves map to ``None``,
@@ -84,6 +88,7 @@ def leaf_rules(inner: optax.GradientTransformation, needs: tuple[str, ...] = (),
     masked = optax.masked(inner, _float_mask, mask_compatible_extra_args=True)
 
     def init(params):
+        _check_leaf_dtypes(params, owner, complex_leaves)
         return CoreState(masked.init(params).inner_state, jnp.zeros([], jnp.int32))
 
     def update(updates, state, params=None, **extra):
@@ -98,6 +103,23 @@ def leaf_rules(inner: optax.GradientTransformation, needs: tuple[str, ...] = (),
         return updates, CoreState(inner_state.inner_state, state.skipped)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _check_leaf_dtypes(params, owner: str, complex_leaves: bool) -> None:
+    """Reject complex leaves a family does not handle; warn where a float64 leaf will be
+    computed in float32 because ``jax_enable_x64`` is off."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            continue
+        where = jax.tree_util.keystr(path) or "<root>"
+        if jnp.issubdtype(dtype, jnp.complexfloating) and not complex_leaves:
+            raise TypeError(f"{owner} does not take complex parameters: leaf {where} is "
+                            f"{np.dtype(dtype).name} (families that do: adam, adamw and the Optax "
+                            f"catalogue; see the dtype table in docs/guide.md)")
+        if np.dtype(dtype) == np.float64 and not jax.config.jax_enable_x64:
+            warnings.warn(f"leaf {where} is float64 but jax_enable_x64 is off: the optimizer "
+                          f"computes and returns float32 for it", RuntimeWarning, stacklevel=4)
 
 
 def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
@@ -117,7 +139,7 @@ def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
     >>> tx = guard(leaf_rules(optax.adam(0.1)))
     >>> s = tx.init({"w": jnp.ones(2)})
     >>> u, s2 = tx.update({"w": jnp.array([1.0, jnp.nan])}, s)
-    >>> u["w"].tolist(), skipped_steps(s2), bool((s2.inner_state[0].mu["w"] == 0).all())
+    >>> u["w"].tolist(), int(skipped_steps(s2)), bool((s2.inner_state[0].mu["w"] == 0).all())
     ([0.0, 0.0], 1, True)
     """
     layouts: list[_Layout] = []

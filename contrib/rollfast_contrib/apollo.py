@@ -59,11 +59,12 @@ def projection(key, leaf: int, period: int, rank: int, dim: int):
       dim: columns of ``P`` (the projected side of the leaf's matrix).
 
     >>> import jax
-    >>> projection(jax.random.PRNGKey(0), 0, 0, 2, 5).shape
-    (2, 5)
+    >>> p = projection(jax.random.PRNGKey(0), 0, 0, 2, 5)
+    >>> p.shape, p.dtype.name
+    ((2, 5), 'float32')
     """
     k = jax.random.fold_in(jax.random.fold_in(key, leaf), period)
-    return jax.random.normal(k, (rank, dim)) / math.sqrt(rank)
+    return jax.random.normal(k, (rank, dim), jnp.float32) / math.sqrt(rank)
 
 
 def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200, b1=0.9,

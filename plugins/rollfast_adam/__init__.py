@@ -21,9 +21,9 @@ from rollfast.toolbox import as_key
 
 @rollfast.hookimpl
 def precondition(register):
-    register.family("adam", adam, first_moment=_first_moment,
+    register.family("adam", adam, first_moment=_first_moment, complex_leaves=True,
                     references=("Kingma & Ba, Adam: A Method for Stochastic Optimization, arXiv:1412.6980",))
-    register.family("adamw", adamw, first_moment=_first_moment,
+    register.family("adamw", adamw, first_moment=_first_moment, complex_leaves=True,
                     references=("Loshchilov & Hutter, Decoupled Weight Decay Regularization, arXiv:1711.05101",))
 
 

@@ -67,9 +67,9 @@ def magma(inner, *, first_moment=None, magma_p: Probability = 0.5, magma_tau: Po
 
     :math:`\Delta' = b\,s\,\Delta`, :math:`b\sim\mathrm{Bernoulli}(p)` per leaf,
     :math:`s` the EMA of :math:`\sigma(\cos(g, m)/\tau)` (see the module docstring).
-    A non-finite gradient gives a zero update and leaves Magma's own state (scores,
-    EMA) unchanged; the wrapped family's state is the family's business (add a
-    ``clip`` option or Schedule-Free around it to skip such steps entirely).
+    A step with a non-finite gradient never reaches this mask (the core's policy
+    skips it, see ``rollfast.get``); with ``nonfinite="propagate"`` it gives a zero
+    update and leaves Magma's own state (scores, EMA) unchanged.
 
     Args:
       magma_p: probability that a leaf's update is kept.

@@ -74,11 +74,11 @@ def schedule_free(inner, *, learning_rate, weighting_mode: Weighting = "schedule
     params); bfloat16/float16 ``z`` is always written with stochastic rounding (it
     accumulates the small steps that round-to-nearest would lose). The ``round``
     rule writes the returned update in a low-precision parameter dtype. ``params``
-    must be passed to ``update``. Non-finite entries of :math:`\Delta` (from a
-    non-finite gradient) are dropped: ``z`` keeps those entries and ``y`` only moves
-    there by the averaging term, so ``z`` and ``y`` stay finite. The wrapped
-    optimizer's state is its own business (add a ``clip`` option, e.g.
-    ``raw_global_grad_clip``, to skip such steps in the family too).
+    must be passed to ``update``. A step with a non-finite gradient never reaches
+    this wrapper (the core's policy skips it, see ``rollfast.get``); with
+    ``nonfinite="propagate"``, non-finite entries of :math:`\Delta` are dropped:
+    ``z`` keeps those entries and ``y`` only moves there by the averaging term, so
+    ``z`` and ``y`` stay finite.
 
     Args:
       learning_rate: the family's learning rate (float or schedule), filled in by
