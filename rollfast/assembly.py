@@ -108,7 +108,7 @@ def get(name: str, /, *, mask: str | Sequence[str] | None = None, average: str |
         return {s: built.get(id(v), v) for s, v in part_services[id(p)].items()}
 
     wrappers = sorted(masks + autos, key=lambda r: r.metadata.get("order", 0)) + averages
-    return _assemble(family, wrappers, routed, inject, nonfinite.lower())
+    return _assemble(family, wrappers, routed, inject, nonfinite.lower(), options.get("axis_name"))
 
 
 def _services_given(options: dict, explicit: list[Contribution]) -> dict:
@@ -141,7 +141,7 @@ def _route(options: dict, parts: list[Contribution], autos: list[Contribution],
 
 
 def _assemble(family: Contribution, wrappers: list[Contribution], routed: dict,
-              inject: Callable, nonfinite: str):
+              inject: Callable, nonfinite: str, axis_name=None):
     """``guard(averages(masks(leaf_rules(family))))`` from the routed options."""
     import optax
 
@@ -157,7 +157,7 @@ def _assemble(family: Contribution, wrappers: list[Contribution], routed: dict,
             first_moment = _through(first_moment)
         else:
             tx = w.factory(tx, **routed[id(w)], **inject(w))
-    return guard(optax.with_extra_args_support(tx), nonfinite)
+    return guard(optax.with_extra_args_support(tx), nonfinite, axis_name)
 
 
 def available(kind: str | None = None, family: str | None = None) -> list[Contribution]:

@@ -20,7 +20,7 @@ arithmetic to the parts (a non-finite gradient then reaches them).
 *Sharding of the state*: a state leaf shaped like a parameter, at a path that
 contains that parameter's path (``mu['w']`` for ``params['w']``), is laid out like
 the parameter: under ``jax.jit(opt.init)`` through ``shard_alike``, eagerly by
-``device_put`` onto the parameter's sharding.
+``device_put`` onto the parameter's sharding when that spans several devices.
 
 *Layout check*: ``update`` on a tree that differs from the one given to ``init``
 (other keys, another shape) raises a ``ValueError`` naming the first differing path
@@ -122,8 +122,8 @@ def _check_leaf_dtypes(params, owner: str, complex_leaves: bool) -> None:
                           f"computes and returns float32 for it", RuntimeWarning, stacklevel=4)
 
 
-def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
-          ) -> optax.GradientTransformationExtraArgs:
+def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip",
+          axis_name=None) -> optax.GradientTransformationExtraArgs:
     """The non-finite policy and the layout check around a whole chain (see the module
     docstring). ``inner``'s state must hold a :class:`CoreState`, reached through
     ``inner_state`` fields.
@@ -131,6 +131,8 @@ def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
     Args:
       inner: the chain, leaf rules innermost.
       nonfinite: ``"skip"`` or ``"propagate"``.
+      axis_name: mapped axis over which the devices agree to skip (any device's
+        non-finite gradient skips the step on all of them).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
@@ -157,6 +159,8 @@ def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip"
         if nonfinite == "propagate":
             return step(updates, state)
         ok = all_finite_fast([updates, _numeric(extra)])
+        if axis_name is not None:
+            ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
         if isinstance(ok, jax.core.Tracer):
             updates, new = run_unless_skipped(ok, step, updates, state)
         else:  # eager: run the step op by op, exactly as the parts alone would
@@ -189,7 +193,9 @@ def follow_sharding(state, params):
         if isinstance(param, jax.core.Tracer) or isinstance(leaf, jax.core.Tracer):
             return shard_alike(leaf, param)[0]
         sharding = getattr(param, "sharding", None)
-        return leaf if sharding is None else jax.device_put(leaf, sharding)
+        if sharding is None or len(sharding.device_set) < 2:  # keep single-device state uncommitted
+            return leaf
+        return jax.device_put(leaf, sharding)
 
     return jax.tree_util.tree_map_with_path(follow, state)
 

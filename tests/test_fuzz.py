@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import rollfast
 from rollfast.policy import CoreState
 
-EXAMPLES = 30
+EXAMPLES = 24
 
 
 def _targets():
