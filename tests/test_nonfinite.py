@@ -40,8 +40,13 @@ def extra_for(name):
     return out
 
 
+def plain(x):
+    """A typed PRNG key as its raw data (NumPy cannot compare typed keys)."""
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
 def assert_same(a, b):
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(plain(x), plain(y)), a, b)
 
 
 def without_counter(state):
@@ -64,6 +69,8 @@ def test_every_family_skips_a_nan_step_and_recovers(name):
         opt = rollfast.get(name, **lr)
     except TypeError as e:  # a family that needs more than a learning rate
         pytest.skip(f"{name} needs options: {e}")
+    if name.split(":")[1] in rollfast.optax_catalogue_limitations:
+        pytest.skip(f"known Optax limitation: {rollfast.optax_catalogue_limitations[name.split(':')[1]]}")
     extra = extra_for(name.split(":")[1])
     if "grad" in extra:
         extra["grad"] = grads(1)
@@ -89,6 +96,8 @@ def test_every_family_skips_a_nan_step_and_recovers(name):
 def test_wrappers_never_stall_or_poison_after_a_nan_step(options):
     """The issue's failures: adamw + schedule_free stopped moving after one NaN step; adamw +
     magma turned NaN on the next normal step."""
+    if "mask" in options:
+        options = {**options, "magma_p": 1.0}  # every leaf kept: a step that does not move is a stall
     opt = rollfast.get("adamw", learning_rate=0.05, **options)
     target = jax.tree.map(lambda p: p + 1 if jnp.issubdtype(p.dtype, jnp.floating) else p, PARAMS)
     loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(floats(p), floats(target)))
