@@ -251,7 +251,7 @@ def _bump(state, by):
 def _numeric(extra: dict) -> list:
     """The array and number leaves of the update arguments (not callables such as ``value_fn``)."""
     kinds = (jax.Array, np.ndarray, np.generic, float, complex)
-    return [x for x in jax.tree.leaves(extra) if isinstance(x, kinds)]
+    return [jnp.asarray(x) for x in jax.tree.leaves(extra) if isinstance(x, kinds)]
 
 
 class _Layout(NamedTuple):
