@@ -112,11 +112,11 @@ def test_apollo_has_no_visible_first_moment():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("mars", {"variant": "adam"}, "MARS variant must be one of"),
-    ("apollo", {"variant": "maxi"}, "APOLLO variant must be one of"),
-    ("apollo", {"rank": 0}, "rank >= 1"),
-    ("soap", {"precondition_frequency": 0}, "precondition_frequency must be >= 1"),
-    ("adamw8bit", {"block_size": 0}, "block_size must be a positive integer"),
+    ("mars", {"variant": "adam"}, "variant='adam' is not allowed by family 'mars'.*one of 'adamw', 'lion'"),
+    ("apollo", {"variant": "maxi"}, "variant='maxi' is not allowed by family 'apollo'"),
+    ("apollo", {"rank": 0}, "rank=0 is not allowed by family 'apollo'.*an integer ≥ 1"),
+    ("soap", {"precondition_frequency": 0}, "precondition_frequency=0 is not allowed by family 'soap'"),
+    ("adamw8bit", {"block_size": 0}, "block_size=0 is not allowed by family 'adamw8bit'"),
 ])
 def test_bad_options_are_reported(name, options, message):
     with pytest.raises(ValueError, match=message):
