@@ -5,7 +5,8 @@
 
 Importing rollfast is light: plugins (and jax) load on first use of the registry.
 Names that plugins export (e.g. the rollfast 0.2 API) resolve lazily as
-attributes of this module.
+attributes of this module, as do the core's jax-dependent helpers
+(``rollfast.skipped_steps(state)``: steps skipped for non-finite gradients).
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from rollfast.registry import Contribution, hookimpl, registry
 __version__ = "0.3.0"
 
 __all__ = ["get", "available", "hookimpl", "plugins", "registry", "Contribution",
-           "UnknownNameError", "RollfastPluginWarning", "__version__"]
+           "UnknownNameError", "RollfastPluginWarning", "skipped_steps", "__version__"]
+
+# Core names that import jax, resolved on first access: name -> module.
+_LAZY = {"skipped_steps": "rollfast.policy"}
 
 
 def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     reg = registry()
     try:
         return reg.lookup("export", name).impl["object"]
@@ -32,4 +40,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | {r.name for r in registry().records("export")})
+    return sorted(set(globals()) | set(_LAZY) | {r.name for r in registry().records("export")})

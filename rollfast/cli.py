@@ -5,7 +5,7 @@
     {"schema": "rollfast.list/1",
      "contributions": [{"kind", "name", "family", "aliases", "summary",
                         "plugin", "distribution", "version", "first_party",
-                        "parameters": [{"name", "default", "required", "doc"}],
+                        "parameters": [{"name", "default", "required", "doc", "allowed"}],
                         "references", "metadata"}],
      "plugins": [{"plugin", "distribution", "version", "first_party", "module", "error"}]}
 
@@ -121,7 +121,8 @@ def _info(reg, name: str, kind: str | None) -> int:
         print(f"aliases: {', '.join(r.aliases)}")
     if r.parameters:
         print("\nparameters:")
-        _table([(f"  {p.name}", "(required)" if p.required else f"= {_short(repr(p.default))}", p.doc)
+        _table([(f"  {p.name}", "(required)" if p.required else f"= {_short(repr(p.default))}",
+                 p.doc + (f" [allowed: {p.constraint}]" if p.constraint is not None else ""))
                 for p in r.parameters])
     if r.kind == "family":
         modes = reg.records("mode", r.name)
@@ -240,7 +241,9 @@ def _json(r: Contribution) -> dict:
             "distribution": r.provider.distribution, "version": r.provider.version,
             "first_party": r.provider.first_party,
             "parameters": [{"name": p.name, "default": None if p.required else _jsonable(p.default),
-                            "required": p.required, "doc": p.doc} for p in r.parameters],
+                            "required": p.required, "doc": p.doc,
+                            "allowed": None if p.constraint is None else str(p.constraint)}
+                           for p in r.parameters],
             "references": list(r.references),
             "metadata": {k: _jsonable(v) for k, v in r.metadata.items() if not callable(v)}}
 

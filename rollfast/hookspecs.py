@@ -17,6 +17,8 @@ Every ``register`` call accepts the same descriptive keywords:
 ``references``  papers or URLs shown by ``rollfast info``;
 ``priority``    between two first-party plugins claiming one name, the higher wins
                 (default 0); the loser stays reachable as ``"<plugin>:<name>"``;
+``constraints`` ``{option: Constraint}`` for options whose factory signature cannot
+                carry ``Annotated[..., Constraint]`` (see :mod:`rollfast.constraints`);
 ``metadata``    a mapping of anything else, kept verbatim on the record
                 (``record.metadata``) — the one spelling for free-form data.
 
@@ -29,7 +31,9 @@ kind requires. ``rollfast plugins`` lists every warning.
 
 A contribution's *parameters* are read from its factory's signature (name,
 default) and from the ``Args:`` section of its docstring (one line of doc each),
-so they are written once. Lookups of names are case-insensitive.
+so they are written once; so are the values each allows (``Annotated[float, Beta]``,
+see :mod:`rollfast.constraints`), which ``rollfast.get`` checks before building.
+Lookups of names are case-insensitive.
 
 How ``rollfast.get(name, **options)`` uses the contributions
 ------------------------------------------------------------
@@ -79,6 +83,8 @@ def precondition(register):
         (the default) means the family keeps none visible.
     ``update_args``   names of extra keyword arguments that ``update`` needs
         (e.g. ``("value",)`` for a Polyak step); shown by ``rollfast info``.
+    ``complex_leaves`` ``True`` if the family handles complex parameters; otherwise
+        ``init`` rejects a complex leaf, naming it.
 
     ``register.mode(family, name, **impl)`` attaches a mode to a family that may
     be registered by any other plugin. ``impl`` is what the family's *mode

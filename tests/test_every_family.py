@@ -18,8 +18,9 @@ import rollfast.testing as rt
 # Value: (reason, exception type it raises on the mixed tree); the test expects
 # that failure, so a fix upstream shows up as an unexpected pass.
 NOT_APPLICABLE = {
-    "optax:sm3": ("Optax's sm3 raises IndexError on 0-d leaves (the mixed tree has a scalar); "
-                  "test_optax_catalogue checks it (bit for bit) on a tree without one", IndexError),
+    "optax:sm3": ("Optax's sm3 cannot take 0-d leaves (the mixed tree has a scalar): init refuses "
+                  "them up front; test_optax_catalogue checks it (bit for bit) on a tree without one",
+                  ValueError),
 }
 
 LEARNING_RATE = 0.05  # for families whose learning rate has no numeric default

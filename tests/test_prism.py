@@ -173,7 +173,7 @@ def test_spike_norm_is_summed_over_axis_name():
 
 def test_non_finite_gradient_changes_nothing():
     params = mixed_tree()
-    opt = rollfast.get("prism", learning_rate=0.1, mode="bidirectional")
+    opt = rollfast.get("prism", learning_rate=0.1, mode="bidirectional", nonfinite="propagate")
     state = opt.init(params)
     update = jax.jit(opt.update)
     good = jax.tree.map(lambda p: jnp.ones_like(p) if p is not None else None, params)

@@ -186,14 +186,15 @@ def test_non_finite_entries_are_dropped_and_clip_protects_the_family():
     p = {"w": jnp.ones(3)}
     g = {"w": jnp.ones(3)}
     bad = {"w": jnp.array([1.0, jnp.nan, 1.0])}
-    opt = rollfast.get("adamw", learning_rate=0.1, average="schedule_free")
+    opt = rollfast.get("adamw", learning_rate=0.1, average="schedule_free", nonfinite="propagate")
     _, state = opt.update(g, opt.init(p), p)
     p1 = {"w": p["w"] - 0.1}
     u, new = jax.jit(opt.update)(bad, state, p1)
     assert bool(jnp.all(jnp.isfinite(u["w"]))) and bool(jnp.all(jnp.isfinite(new.z["w"])))
     assert float(new.z["w"][1]) == float(state.z["w"][1])  # the NaN entry of z does not move
     assert float(new.z["w"][0]) != float(state.z["w"][0])
-    guarded = rollfast.get("adamw", learning_rate=0.1, average="schedule_free", raw_global_grad_clip=10.0)
+    guarded = rollfast.get("adamw", learning_rate=0.1, average="schedule_free", raw_global_grad_clip=10.0,
+                           nonfinite="propagate")
     _, state = guarded.update(g, guarded.init(p), p)
     _, new = jax.jit(guarded.update)(bad, state, p1)
     for a, b in zip(jax.tree.leaves(new.inner_state), jax.tree.leaves(state.inner_state)):
@@ -202,7 +203,7 @@ def test_non_finite_entries_are_dropped_and_clip_protects_the_family():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="weighting_mode must be one of .*'practical'"):
+    with pytest.raises(ValueError, match="weighting_mode='linear' is not allowed by average 'schedule_free'.*one of .*'practical'"):
         rollfast.get("adamw", learning_rate=0.1, average="schedule_free", weighting_mode="linear")
     opt = rollfast.get("adamw", learning_rate=0.1, average="schedule_free")
     p = {"w": jnp.ones(2)}

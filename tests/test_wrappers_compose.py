@@ -61,10 +61,12 @@ def train(opt, p, steps, nan_at=None):
         scale = jnp.float32(jnp.nan if t == nan_at else 1.0)
         before = (p, state)
         p, state = step(p, state, jax.random.PRNGKey(t), scale)
-        if t == nan_at:  # the family's step and z are skipped; y only moves by averaging
-            for a, b in zip(jax.tree.leaves((state.z, state.inner_state.inner_state.inner_state)),
-                            jax.tree.leaves((before[1].z, before[1].inner_state.inner_state.inner_state))):
+        if t == nan_at:  # the core's policy skips the whole step: only the skip counter moves
+            for a, b in zip(jax.tree.leaves((p, state.z, state.inner_state.inner_state.inner_state.inner_state)),
+                            jax.tree.leaves((before[0], before[1].z,
+                                             before[1].inner_state.inner_state.inner_state.inner_state))):
                 np.testing.assert_array_equal(a, b)
+            assert int(rollfast.skipped_steps(state)) == 1
     return p, state
 
 

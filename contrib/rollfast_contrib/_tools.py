@@ -1,4 +1,4 @@
-"""Pieces every contrib optimizer shares: the non-finite step guard, the
+"""Pieces every contrib optimizer shares: the
 decoupled-decay tail, per-leaf maps over a parameter tree, and Adam's
 element-wise direction (the fallback of the matrix methods)."""
 
@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rollfast.toolbox import skip_nonfinite
 
 
 def decoupled(direction, learning_rate, weight_decay, weight_decay_mask):
-    r"""``-lr·(direction + λ·θ)``, guarded against non-finite gradients.
+    r"""``-lr·(direction + λ·θ)``.
 
-    The state is the chain's: ``state[0]`` is ``direction``'s.
+    The state is the chain's: ``state[0]`` is ``direction``'s. Steps with non-finite
+    gradients are skipped by the core's policy around every chain ``rollfast.get``
+    builds (:mod:`rollfast.policy`), not here.
 
     Args:
       direction: transformation producing the update direction.
@@ -29,9 +30,8 @@ def decoupled(direction, learning_rate, weight_decay, weight_decay_mask):
     >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2))[0]
     Array([-0.15, -0.15], dtype=float32)
     """
-    return skip_nonfinite(optax.chain(direction,
-                                      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-                                      optax.scale_by_learning_rate(learning_rate)))
+    return optax.chain(direction, optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
 def map_leaves(fn: Callable, updates, *trees):

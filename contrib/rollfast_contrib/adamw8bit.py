@@ -3,13 +3,14 @@ dynamic (tree) quantisation map (Dettmers et al., 2021, arXiv:2110.02861)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rollfast.constraints import Beta, Interval, LearningRate, NonNegative, PositiveInt, WeightDecay
 from rollfast_contrib._tools import adam_direction, adam_moments, decoupled, field, init_leaves, map_leaves
 
 REFERENCES = ("Dettmers et al., 8-bit Optimizers via Block-wise Quantization, arXiv:2110.02861",)
@@ -210,8 +211,9 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, block_size=2048, min_8bit_siz
     return optax.GradientTransformation(init, update)
 
 
-def adamw8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, weight_decay_mask=None,
-              block_size=2048, min_8bit_size=4096):
+def adamw8bit(learning_rate: LearningRate, b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
+              weight_decay: WeightDecay = 1e-2, weight_decay_mask=None, block_size: PositiveInt = 2048,
+              min_8bit_size: Annotated[int, Interval(0, None, integer=True)] = 4096):
     r"""8-bit AdamW: ``-lr·(m̂/(sqrt(v̂)+eps) + λθ)`` with block-wise 8-bit moments.
 
     AdamW whose two moments are stored as 8-bit codes of the dynamic tree map

@@ -5,12 +5,14 @@ estimated from AdamW moments kept in a random low-rank projection (Zhu et al.,
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from rollfast.constraints import (POSITIVE, POSITIVE_INT, Beta, Choice, LearningRate, NonNegative,
+                                  Nullable, PositiveInt, Seed, WeightDecay)
 from rollfast.toolbox import as_key
 from rollfast_contrib._tools import (
     adam_direction,
@@ -57,11 +59,12 @@ def projection(key, leaf: int, period: int, rank: int, dim: int):
       dim: columns of ``P`` (the projected side of the leaf's matrix).
 
     >>> import jax
-    >>> projection(jax.random.PRNGKey(0), 0, 0, 2, 5).shape
-    (2, 5)
+    >>> p = projection(jax.random.PRNGKey(0), 0, 0, 2, 5)
+    >>> p.shape, p.dtype.name
+    ((2, 5), 'float32')
     """
     k = jax.random.fold_in(jax.random.fold_in(key, leaf), period)
-    return jax.random.normal(k, (rank, dim)) / math.sqrt(rank)
+    return jax.random.normal(k, (rank, dim), jnp.float32) / math.sqrt(rank)
 
 
 def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200, b1=0.9,
@@ -167,9 +170,12 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
     return optax.GradientTransformation(init, update)
 
 
-def apollo(learning_rate, rank=None, variant="apollo", scale=None, update_proj_gap=200, b1=0.9,
-           b2=0.999, eps=1e-8, norm_growth_limit=1.01, weight_decay=0.0, weight_decay_mask=None,
-           key=0):
+def apollo(learning_rate: LearningRate, rank: Annotated[int, Nullable(POSITIVE_INT)] = None,
+           variant: Annotated[str, Choice(*VARIANTS)] = "apollo",
+           scale: Annotated[float, Nullable(POSITIVE)] = None, update_proj_gap: PositiveInt = 200,
+           b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
+           norm_growth_limit: Annotated[float, Nullable(POSITIVE)] = 1.01,
+           weight_decay: WeightDecay = 0.0, weight_decay_mask=None, key: Seed = 0):
     r"""APOLLO: ``-lr·(APOLLO direction + λθ)``; AdamW on leaves of rank < 2.
 
     The raw gradient of a matrix leaf :math:`G\in\mathbb R^{m\times n}` is scaled

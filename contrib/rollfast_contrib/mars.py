@@ -4,12 +4,13 @@ previous step's gradient."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from rollfast.constraints import POSITIVE, Beta, Choice, LearningRate, NonNegative, Nullable, WeightDecay
 from rollfast_contrib._tools import adam_direction, adam_moments, decoupled
 
 REFERENCES = ("Yuan et al., MARS: Unleashing the Power of Variance Reduction for Training "
@@ -100,8 +101,10 @@ def scale_by_mars(b1=0.95, b2=0.99, eps=1e-8, gamma=0.025, max_grad_norm=1.0, va
     return optax.GradientTransformation(init, update)
 
 
-def mars(learning_rate, b1=0.95, b2=0.99, eps=1e-8, gamma=0.025, max_grad_norm=1.0,
-         variant="adamw", weight_decay=0.0, weight_decay_mask=None):
+def mars(learning_rate: LearningRate, b1: Beta = 0.95, b2: Beta = 0.99, eps: NonNegative = 1e-8,
+         gamma: NonNegative = 0.025, max_grad_norm: Annotated[float, Nullable(POSITIVE)] = 1.0,
+         variant: Annotated[str, Choice(*VARIANTS)] = "adamw", weight_decay: WeightDecay = 0.0,
+         weight_decay_mask=None):
     r"""MARS: ``-lr·(AdamW or Lion direction of the corrected gradient + λ·θ)``.
 
     The gradient is corrected by a scaled difference of consecutive gradients (the

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import optax
 
+from rollfast.constraints import Beta, LearningRate, NonNegative, Positive, PositiveInt, WeightDecay
 from rollfast_contrib._tools import adam_direction, adam_moments, decoupled, field, init_leaves, map_leaves
 
 REFERENCES = ("Li et al., NorMuon: Making Muon more efficient and scalable, arXiv:2510.05491",
@@ -146,8 +147,10 @@ def scale_by_normuon(b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-1, rms
     return optax.GradientTransformation(init, update)
 
 
-def normuon(learning_rate, b1=0.95, b2=0.95, eps=1e-8, ns_steps=5, neuron_axis=-1, rms_scale=0.2,
-            adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, weight_decay_mask=None):
+def normuon(learning_rate: LearningRate, b1: Beta = 0.95, b2: Beta = 0.95, eps: NonNegative = 1e-8,
+            ns_steps: PositiveInt = 5, neuron_axis: int = -1, rms_scale: Positive = 0.2,
+            adam_b1: Beta = 0.9, adam_b2: Beta = 0.999, adam_eps: NonNegative = 1e-8,
+            weight_decay: WeightDecay = 0.0, weight_decay_mask=None):
     r"""NorMuon: ``-lr·(NorMuon direction + λθ)``; AdamW on leaves of rank < 2.
 
     A leaf of rank ≥ 2 is viewed as a matrix with one row per output neuron

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rollfast.constraints import Beta, LearningRate, NonNegative, Probability, WeightDecay
 from rollfast_contrib._tools import adam_moments, decoupled
 
 REFERENCES = ("Ma & Yarats, Quasi-hyperbolic momentum and Adam for deep learning, arXiv:1810.06801",
@@ -75,7 +76,8 @@ def scale_by_qhadam(b1=0.995, b2=0.999, nu1=0.7, nu2=1.0, eps=1e-8):
     return optax.GradientTransformation(init, update)
 
 
-def qhadamw(learning_rate, b1=0.995, b2=0.999, nu1=0.7, nu2=1.0, eps=1e-8, weight_decay=0.0,
+def qhadamw(learning_rate: LearningRate, b1: Beta = 0.995, b2: Beta = 0.999, nu1: Probability = 0.7,
+            nu2: Probability = 1.0, eps: NonNegative = 1e-8, weight_decay: WeightDecay = 0.0,
             weight_decay_mask=None):
     r"""QHAdamW: ``-lr·(quasi-hyperbolic Adam direction + λ·θ)``.
 

@@ -1,8 +1,9 @@
 """Adam and AdamW (Kingma & Ba, 2015; Loshchilov & Hutter, 2019) as rollfast families.
 
-With float32 moments the numbers equal ``optax.adam`` / ``optax.adamw`` bit for
-bit. Additions: moments always accumulate in float32; ``mu_dtype=jnp.bfloat16``
-stores *both* moments in bfloat16, written with the chosen ``round`` rule.
+For float32, float64 and complex parameters the numbers equal ``optax.adam`` /
+``optax.adamw`` bit for bit. Additions: moments of bfloat16/float16 parameters
+accumulate in float32; ``mu_dtype=jnp.bfloat16`` stores *both* moments in bfloat16,
+written with the chosen ``round`` rule.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.constraints import Beta, Bool, FloatDtype, LearningRate, NonNegative, Seed, WeightDecay
 from rollfast.toolbox import as_key
 
 
 @rollfast.hookimpl
 def precondition(register):
-    register.family("adam", adam, first_moment=_first_moment,
+    register.family("adam", adam, first_moment=_first_moment, complex_leaves=True,
                     references=("Kingma & Ba, Adam: A Method for Stochastic Optimization, arXiv:1412.6980",))
-    register.family("adamw", adamw, first_moment=_first_moment,
+    register.family("adamw", adamw, first_moment=_first_moment, complex_leaves=True,
                     references=("Loshchilov & Hutter, Decoupled Weight Decay Regularization, arXiv:1711.05101",))
 
 
@@ -38,23 +40,30 @@ def _first_moment(state):
     return state[0].mu
 
 
-def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-                  nesterov=False, round=None, key=42):
-    r"""Adam's moment scaling, accumulated in float32.
+def scale_by_adam(b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
+                  eps_root: NonNegative = 0.0, mu_dtype: FloatDtype = None, *,
+                  nesterov: Bool = False, round=None, key: Seed = 42):
+    r"""Adam's moment scaling, accumulated in at least float32.
 
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
-        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2,\quad
         u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
 
     (Nesterov: :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.)
+
+    Dtypes: with ``mu_dtype=None`` a moment is stored and computed in the wider of
+    its parameter's dtype and float32 (float32 for bfloat16/float16/float32 leaves,
+    float64 for float64, complex64/complex128 for complex leaves, whose second moment
+    holds :math:`|g|^2` in the complex dtype as Optax's does); the update has that
+    dtype. A ``mu_dtype`` below float32 stores both moments there (real leaves only).
 
     Args:
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: added to the denominator outside the square root.
       eps_root: added to the second moment inside the square root.
-      mu_dtype: storage dtype of both moments (``None``: float32).
+      mu_dtype: storage dtype of both moments (``None``: see above).
       nesterov: use Nesterov's momentum.
       round: how moments are written in ``mu_dtype`` (a rounding object).
       key: seed or PRNG key for stochastic writes (the key only advances when
@@ -72,9 +81,9 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
     >>> [round(float(x), 4) for x in u["w"]]   # ±1 up to eps: the first step is sign(g)
     [1.0, -1.0]
     """
-    store = jnp.float32 if mu_dtype is None else jnp.dtype(mu_dtype)
+    store = None if mu_dtype is None else jnp.dtype(mu_dtype)
     keeps_mu = not (isinstance(b1, (int, float)) and b1 == 0)  # b1 = 0: m_t = g_t, nothing to store
-    low_precision = store != jnp.float32
+    low_precision = store is not None and jnp.finfo(store).bits < 32
 
     def write(tree, k):
         if not low_precision:
@@ -85,17 +94,17 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
         return jax.tree.unflatten(treedef, [cast(x, store, kk) for x, kk in zip(leaves, keys)])
 
     def init(params):
-        zeros = lambda p: jnp.zeros(jnp.shape(p), store)
-        k = as_key(key)
+        _check_complex(params, store)
+        zeros = lambda p: jnp.zeros_like(p, dtype=store or _wide(p))
         mu = jax.tree.map(zeros, params) if keeps_mu else None
-        return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, jax.tree.map(zeros, params), k)
+        return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, jax.tree.map(zeros, params), as_key(key))
 
     def update(updates, state, params=None):
         del params
-        f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
-        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, f32(state.mu)) if keeps_mu else f32(updates)
-        nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v,
-                          f32(updates), f32(state.nu))
+        mu = (jax.tree.map(lambda g, m: (1 - b1) * _widen(g, m) + b1 * _widen(m, g), updates, state.mu)
+              if keeps_mu else jax.tree.map(lambda g, v: _widen(g, v), updates, state.nu))
+        nu = jax.tree.map(lambda g, v: (1 - b2) * _abs_sq(_widen(g, v)) + b2 * _widen(v, g),
+                          updates, state.nu)
         count = optax.safe_increment(state.count)
         bc = optax.tree.bias_correction
         if nesterov:
@@ -115,8 +124,35 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
     return optax.GradientTransformation(init, update)
 
 
-def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-         nesterov=False, round="nearest", key=42):
+def _wide(x):
+    """The dtype Adam computes a leaf's moments in: its own, at least float32."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _widen(x, other):
+    """``x`` in the wider of both arrays' dtypes and float32."""
+    return x.astype(jnp.promote_types(_wide(x), jnp.result_type(other)))
+
+
+def _abs_sq(g):
+    """:math:`|g|^2` (real), as Optax computes it."""
+    return (g.conj() * g).real if jnp.iscomplexobj(g) else g * g
+
+
+def _check_complex(params, store) -> None:
+    """A complex leaf needs a complex moment dtype: with ``mu_dtype`` set it is rejected."""
+    if store is None:
+        return
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.iscomplexobj(p):
+            raise TypeError(f"adam: mu_dtype={store.name} cannot store the moments of the complex "
+                            f"leaf {jax.tree_util.keystr(path)} ({jnp.result_type(p).name}); "
+                            f"leave mu_dtype=None for complex parameters")
+
+
+def adam(learning_rate: LearningRate, b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
+         eps_root: NonNegative = 0.0, mu_dtype: FloatDtype = None, *, nesterov: Bool = False,
+         round="nearest", key: Seed = 42):
     r"""Adam: moment-normalised steps, ``-lr * m̂ / (sqrt(v̂ + eps_root) + eps)``.
 
     Exponential moving averages of the gradient and of its square, bias-corrected,
@@ -182,8 +218,9 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
         optax.scale_by_learning_rate(learning_rate))
 
 
-def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
-          weight_decay=1e-4, weight_decay_mask=None, *, nesterov=False, round="nearest", key=42):
+def adamw(learning_rate: LearningRate, b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
+          eps_root: NonNegative = 0.0, mu_dtype: FloatDtype = None, weight_decay: WeightDecay = 1e-4,
+          weight_decay_mask=None, *, nesterov: Bool = False, round="nearest", key: Seed = 42):
     r"""AdamW: Adam with decoupled weight decay, ``-lr * (m̂/(sqrt(v̂+eps_root)+eps) + λ θ)``.
 
     Adam's step (see :func:`adam`) plus a weight decay that is added to the

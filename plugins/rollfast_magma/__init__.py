@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.constraints import Positive, Probability, Seed
 from rollfast.toolbox import absent, as_key, is_float, keep_if, sum_of_squares
 
 EMA_DECAY = 0.9
@@ -61,7 +62,8 @@ class MagmaState(NamedTuple):
     key: object
 
 
-def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_name=None):
+def magma(inner, *, first_moment=None, magma_p: Probability = 0.5, magma_tau: Positive = 2.0,
+          key: Seed = 42, axis_name=None):
     r"""Drop each leaf's update with probability 1 − p and damp the survivors by their score.
 
     Per leaf, with :math:`g` the raw gradient, :math:`m` the family's first moment
@@ -76,9 +78,9 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
 
     one :math:`b_t` and one :math:`s_t` per leaf. The expected update is scaled by
     about :math:`p/2` (0.25 with the defaults: multiply the learning rate by about
-    4). A non-finite gradient gives a zero update and leaves Magma's own state
-    (scores, EMA) unchanged; the wrapped family's state is the family's business
-    (add a ``clip`` option or Schedule-Free around it to skip such steps entirely).
+    4). A step with a non-finite gradient never reaches this mask (the core's policy
+    skips it, see ``rollfast.get``); with ``nonfinite="propagate"`` it gives a zero
+    update and leaves Magma's own state (scores, EMA) unchanged.
 
     Args:
       inner: the optimizer to wrap (given by ``rollfast.get``).
@@ -134,10 +136,6 @@ def magma(inner, *, first_moment=None, magma_p=0.5, magma_tau=2.0, key=42, axis_
       [-0.5122, 0.5122]
     """
 
-    if not 0.0 <= magma_p <= 1.0:
-        raise ValueError(f"magma_p must be in [0, 1]; got {magma_p}")
-    if not magma_tau > 0.0:
-        raise ValueError(f"magma_tau must be > 0; got {magma_tau}")
     return _masked(inner, first_moment=first_moment, magma_p=magma_p, magma_tau=magma_tau, key=key,
                    axis_name=axis_name)
 

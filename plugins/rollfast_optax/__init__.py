@@ -10,12 +10,17 @@ non-finite gradients, add ``mask="clip"``. Families register with ``priority=-1`
 plugin has the same name (``adam``, ``adamw``) the plain name reaches it, and
 ``optax:adamw`` always reaches Optax's.
 
-Registration metadata of every family: ``source`` (the dotted Optax name),
+Options are checked when the optimizer is built (:func:`constraints`: the learning
+rate and the decay rates ``b1``/``b2``/``b3``). Registration metadata of every family: ``source`` (the dotted Optax name),
+``complex_leaves=True`` (complex parameters get Optax's own arithmetic),
 ``update_args`` (extra keywords that ``update`` needs, e.g. ``("value",)`` for
 ``polyak_sgd``) and ``first_moment`` (the ``mu`` of the first state of the chain,
 when there is one). Public Optax callables that transform gradients but are not
 optimizers are listed, with the reason, in the export
-``rollfast.optax_catalogue_skipped``.
+``rollfast.optax_catalogue_skipped``; inputs that an installed Optax optimizer cannot
+take (:data:`LIMITATIONS`: sm3 on a 0-d leaf; lbfgs, galore, sophia on a tree without a
+float leaf) are refused by ``init`` with a ``ValueError`` giving the reason, and listed in
+the export ``rollfast.optax_catalogue_limitations``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import functools
 import inspect
 import re
 
+import jax
+
 import rollfast
+from rollfast.constraints import BETA, LEARNING_RATE, Nullable
+
+# Options whose meaning is the same in every Optax optimizer that has them.
+BETAS = ("b1", "b2", "b3")
 
 
 @rollfast.hookimpl
@@ -35,8 +46,55 @@ def precondition(register):
     for entry in entries:
         register.family(entry.name, wrap(entry), priority=-1,
                         references=references(entry.function), metadata={"source": entry.source},
-                        update_args=entry.update_args, first_moment=first_moment)
+                        update_args=entry.update_args, first_moment=first_moment,
+                        constraints=constraints(entry.function), complex_leaves=True)
     register.export("optax_catalogue_skipped", Skipped(skipped))
+    register.export("optax_catalogue_limitations", {name: reason for name, (_, reason) in LIMITATIONS.items()})
+
+
+def _no_float_leaf(leaves) -> bool:
+    return not leaves
+
+
+def _scalar_leaf(leaves) -> bool:
+    return any(len(x.shape) == 0 for x in leaves)
+
+
+# Inputs that installed Optax optimizers cannot take: family -> (test on the float leaves
+# the family receives, reason). ``init`` turns them into a clear ValueError up front.
+LIMITATIONS = {
+    "sm3": (_scalar_leaf, "a 0-d (scalar) leaf: Optax's sm3 keeps one accumulator per axis, "
+                          "and a scalar has none (IndexError inside Optax)"),
+    "lbfgs": (_no_float_leaf, "a tree without a non-empty float leaf: Optax's lbfgs indexes its "
+                              "leaves (IndexError inside Optax)"),
+    "galore": (_no_float_leaf, "a tree without a non-empty float leaf: Optax's galore unflattens "
+                               "per-leaf states that do not exist (ValueError inside Optax)"),
+    "sophia": (_no_float_leaf, "a tree without a non-empty float leaf: Optax's sophia reduces "
+                               "over its leaves without an initial value (TypeError inside Optax)"),
+}
+
+
+def constraints(function) -> dict:
+    """The constraints rollfast declares for an Optax optimizer's options: a
+    ``learning_rate`` is a positive number or a schedule (or ``None`` where that is
+    Optax's default, e.g. ``lbfgs``' line search), the decay rates ``b1``, ``b2``,
+    ``b3`` are in [0, 1).
+
+    Args:
+      function: the Optax optimizer.
+
+    >>> import optax
+    >>> {k: str(v) for k, v in constraints(optax.lion).items()}["b1"]
+    'a number in [0, 1)'
+    >>> str(constraints(optax.lbfgs)["learning_rate"])
+    'None or a number > 0, or a schedule (callable step → value)'
+    """
+    params = inspect.signature(function).parameters
+    out = {name: BETA for name in BETAS if name in params}
+    if "learning_rate" in params:
+        nullable = params["learning_rate"].default is None
+        out["learning_rate"] = Nullable(LEARNING_RATE) if nullable else LEARNING_RATE
+    return out
 
 
 class Skipped(dict):
@@ -58,11 +116,27 @@ def wrap(entry):
     """
     @functools.wraps(entry.function)
     def factory(*args, **kwargs):
-        return entry.function(*args, **kwargs)
+        tx = entry.function(*args, **kwargs)
+        return _refuse_limitation(entry.name, tx) if entry.name in LIMITATIONS else tx
 
     factory.__name__ = factory.__qualname__ = entry.name
     factory.__module__ = __name__
     return factory
+
+
+def _refuse_limitation(name: str, tx):
+    """``tx`` whose ``init`` raises a ValueError naming the known Optax limitation of
+    family ``name`` when the parameters hit it (see :data:`LIMITATIONS`)."""
+    hits, reason = LIMITATIONS[name]
+
+    def init(params):
+        leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape") and x.size > 0]
+        if hits(leaves):
+            raise ValueError(f"optax:{name} cannot take {reason}; known Optax limitations are "
+                             f"listed in rollfast.optax_catalogue_limitations")
+        return tx.init(params)
+
+    return tx._replace(init=init)
 
 
 def first_moment(state):

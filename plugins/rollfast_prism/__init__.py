@@ -18,6 +18,7 @@ import jax
 import optax
 
 import rollfast
+from rollfast.constraints import BETA, KEY, LEARNING_RATE, NONNEGATIVE, POSITIVE_INT, Nullable, Schedule
 from rollfast.toolbox import as_key, skip_nonfinite
 from rollfast_partition import MatrixSpec, as_partitioner, leaf_specs
 from rollfast_prism.transform import PrismOptions, ScaleByPrismState, scale_by_prism
@@ -26,9 +27,18 @@ REFERENCES = ("Y. Yang, PRISM: Structured Optimization via Anisotropic Spectral 
               "F. L. Cesista, Bidirectional-PRISM (Shampoo-style two-sided PRISM)")
 
 
+# What each option allows, checked by rollfast.get before prism is built.
+CONSTRAINTS = {
+    "learning_rate": LEARNING_RATE, "b1": BETA, "weight_decay": Schedule(NONNEGATIVE),
+    "ns_iters": POSITIVE_INT, "inv_steps": POSITIVE_INT, "adam_learning_rate": Nullable(LEARNING_RATE),
+    "adam_b1": BETA, "adam_b2": BETA, "adam_eps": NONNEGATIVE, "key": KEY,
+}
+
+
 @rollfast.hookimpl
 def precondition(register):
-    register.family("prism", prism, first_moment=first_moment, references=REFERENCES)
+    register.family("prism", prism, first_moment=first_moment, references=REFERENCES,
+                    constraints=CONSTRAINTS)
 
 
 def prism(learning_rate, b1=0.95, gamma=1.0, weight_decay=0.0, weight_decay_mask=None, ns_iters=5, mode="original",

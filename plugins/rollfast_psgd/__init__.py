@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.constraints import (BETA, KEY, LEARNING_RATE, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY,
+                                  Choice, Interval, Schedule)
 from rollfast_psgd.schedule import precond_update_prob_schedule
 from rollfast_psgd.transform import KronOptions, KronState, scale_by_kron
 
@@ -65,9 +67,21 @@ REFERENCES = (
 )
 
 
+# What each option allows, checked by rollfast.get before kron is built.
+CONSTRAINTS = {
+    "learning_rate": LEARNING_RATE, "b1": BETA, "weight_decay": Schedule(NONNEGATIVE),
+    "preconditioner_update_probability": Schedule(PROBABILITY), "preconditioner_lr": POSITIVE,
+    "max_size_triangular": Interval(0, None, integer=True), "max_skew_triangular": NONNEGATIVE,
+    "min_ndim_triangular": Interval(0, None, integer=True), "beta_lipschitz": BETA,
+    "damping": NONNEGATIVE, "grad_clip_mode": Choice("per_tensor_rms", "global_rms"),
+    "newton_schulz_iters": POSITIVE_INT, "lax_map_batch_size": POSITIVE_INT, "key": KEY,
+}
+
+
 @rollfast.hookimpl
 def precondition(register):
-    register.family("kron", kron, first_moment=_first_moment, references=REFERENCES)
+    register.family("kron", kron, first_moment=_first_moment, references=REFERENCES,
+                    constraints=CONSTRAINTS)
     register.export("scale_by_kron", scale_by_kron)
     register.export("precond_update_prob_schedule", precond_update_prob_schedule)
 

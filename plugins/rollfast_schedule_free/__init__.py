@@ -22,16 +22,18 @@ small steps and small weights. :func:`schedule_free_eval_params` recovers
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.constraints import Choice, FloatDtype, Probability, Seed
 from rollfast.toolbox import absent, as_key, is_float, leaf_keys, resolve
 
 WEIGHTINGS = ("theoretical", "practical", "schedulet")
+Weighting = Annotated[str, Choice(*WEIGHTINGS)]
 KEY_TAG = 0x5346  # folded into the user's key, so the wrapper's stream differs from the family's
 
 
@@ -55,8 +57,9 @@ class ScheduleFreeState(NamedTuple):
     key: object
 
 
-def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9,
-                  state_dtype=None, round="stochastic", key=42):
+def schedule_free(inner, *, learning_rate, weighting_mode: Weighting = "schedulet",
+                  sf_b1: Probability = 0.9, state_dtype: FloatDtype = None, round="stochastic",
+                  key: Seed = 42):
     r"""Schedule-Free averaging: hold y, step z with the wrapped optimizer, evaluate at the average x.
 
     Three sequences: :math:`z` follows the wrapped optimizer, :math:`x` is a
@@ -74,9 +77,15 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
 
     (``theoretical``, ``schedulet`` or ``practical`` weighting); the returned update,
     the last line, is :math:`y_{t+1} = (1-\beta) z_{t+1} + \beta x_{t+1}` in closed
-    form. Low-precision ``z`` is written with stochastic rounding; non-finite entries
-    of :math:`\Delta_t` are dropped. Evaluate at :math:`x` with
-    :func:`schedule_free_eval_params`.
+    form. ``z`` is stored in ``state_dtype`` (default: the lowest-precision float dtype
+    among the params); bfloat16/float16 ``z`` is always written with stochastic rounding
+    (it accumulates the small steps that round-to-nearest would lose). The ``round``
+    rule writes the returned update in a low-precision parameter dtype. ``params``
+    must be passed to ``update``. A step with a non-finite gradient never reaches
+    this wrapper (the core's policy skips it, see ``rollfast.get``); with
+    ``nonfinite="propagate"``, non-finite entries of :math:`\Delta_t` are dropped:
+    ``z`` keeps those entries and ``y`` only moves there by the averaging term, so
+    ``z`` and ``y`` stay finite. Evaluate at :math:`x` with :func:`schedule_free_eval_params`.
 
     Args:
       inner: the optimizer to wrap (given by ``rollfast.get``).
@@ -129,9 +138,6 @@ def schedule_free(inner, *, learning_rate, weighting_mode="schedulet", sf_b1=0.9
     """
 
     mode = str(getattr(weighting_mode, "value", weighting_mode)).lower()
-    if mode not in WEIGHTINGS:
-        raise ValueError(f"weighting_mode must be one of {', '.join(map(repr, WEIGHTINGS))} "
-                         f"(any case); got {weighting_mode!r}")
     z_rounding, out_rounding = resolve("round", "stochastic"), resolve("round", round, default="nearest", option="round")
     return _averaged(inner, learning_rate=learning_rate, mode=mode, sf_b1=sf_b1, state_dtype=state_dtype,
                      z_rounding=z_rounding, out_rounding=out_rounding, key=key)
