@@ -102,6 +102,15 @@ def _plan(shape, max_precond_dim, merge_dims, precondition_1d):
     return work, tuple(rotated and d <= max_precond_dim for d in work)
 
 
+def _init_leaf(p, max_precond_dim, merge_dims, precondition_1d):
+    """Zero moments (float32, float64 for float64 leaves), zero factors, identity bases."""
+    work, has = _plan(jnp.shape(p), max_precond_dim, merge_dims, precondition_1d)
+    dtype = jnp.promote_types(jnp.result_type(p), jnp.float32)
+    eye = tuple(jnp.eye(d, dtype=dtype) if h else None for d, h in zip(work, has))
+    return SoapLeaf(jnp.zeros(jnp.shape(p), dtype), jnp.zeros(work, dtype),
+                    tuple(None if e is None else jnp.zeros_like(e) for e in eye), eye)
+
+
 def _gram(x, axis):
     r"""``G_(i) G_(i)ᵀ``: the gradient unfolded along ``axis`` times its transpose."""
     others = [a for a in range(x.ndim) if a != axis]
@@ -206,12 +215,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,
         raise ValueError(f"precondition_frequency must be >= 1, got {precondition_frequency}")
 
     def init(params):
-        def leaf(_, p):
-            work, has = _plan(jnp.shape(p), max_precond_dim, merge_dims, precondition_1d)
-            dtype = jnp.promote_types(jnp.result_type(p), jnp.float32)
-            eye = tuple(jnp.eye(d, dtype=dtype) if h else None for d, h in zip(work, has))
-            return SoapLeaf(jnp.zeros(jnp.shape(p), dtype), jnp.zeros(work, dtype),
-                            tuple(None if e is None else jnp.zeros_like(e) for e in eye), eye)
+        leaf = lambda _, p: _init_leaf(p, max_precond_dim, merge_dims, precondition_1d)
         return ScaleBySoapState(jnp.zeros([], jnp.int32), init_leaves(leaf, params))
 
     def update(updates, state, params=None):
