@@ -280,25 +280,41 @@ def test_apollo_projection_is_unbiased():
 
 
 # --- SOAP --------------------------------------------------------------------------
+# The first call only builds the bases (no step, no decay) for every leaf, and the
+# decay acts on the stepped parameters: u = -LR·d - LR·WD·(θ - LR·d).
 
 def descending_eigh(a):
     return np.linalg.eigh(a)[1][:, ::-1]
 
 
+def check_soap(opt, reference, shapes, steps, seed=0):
+    grads = grads_sequence(shapes, steps, seed)
+    params = {k: v.astype(np.float32) for k, v in grads_sequence(shapes, 1, seed + 1)[0].items()}
+    got = run_updates(opt, jax.tree.map(jnp.asarray, params), grads)
+    for name in shapes:
+        theta = params[name].astype(np.float64)
+        want = reference([g[name].astype(np.float64) for g in grads])
+        np.testing.assert_array_equal(got[0][name], 0.0)
+        for t, (u, d) in enumerate(zip((s[name] for s in got[1:]), want), 2):
+            np.testing.assert_allclose(u, -LR * d - LR * WD * (theta - LR * d), rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name}, step {t}")
+
+
 def soap_ref(grads, freq, b1=0.95, b2=0.95, eps=1e-8):
-    """Two-sided SOAP on a matrix: step 0 builds the bases; refresh when t % freq == 0."""
+    """Two-sided SOAP on a matrix: call 0 builds the bases; the momentum is kept in the
+    parameters' basis (the same in exact arithmetic); refresh after step n, n % freq == 0."""
     g0 = grads[0]
     lf, rf = (1 - b2) * g0 @ g0.T, (1 - b2) * g0.T @ g0
     ql, qr = descending_eigh(lf), descending_eigh(rf)
     m, v = np.zeros_like(g0), np.zeros_like(g0)
-    out = [np.zeros_like(g0)]
-    for t, g in enumerate(grads[1:], 1):
+    out = []
+    for n, g in enumerate(grads[1:], 1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * (ql.T @ g @ qr) ** 2
-        n = (ql.T @ m @ qr) / (np.sqrt(v) + eps)
-        out.append(np.sqrt(1 - b2**t) / (1 - b1**t) * ql @ n @ qr.T)
+        d = (ql.T @ m @ qr) / (np.sqrt(v) + eps)
+        out.append(np.sqrt(1 - b2**n) / (1 - b1**n) * ql @ d @ qr.T)
         lf, rf = b2 * lf + (1 - b2) * g @ g.T, b2 * rf + (1 - b2) * g.T @ g
-        if t % freq == 0:
+        if n % freq == 0:
             ol = np.argsort(-np.diag(ql.T @ lf @ ql))
             orr = np.argsort(-np.diag(qr.T @ rf @ qr))
             v = v[ol][:, orr]
@@ -311,7 +327,7 @@ def test_soap_matches_numpy():
     opt = rollfast.get("soap", learning_rate=LR, weight_decay=WD, precondition_frequency=2)
     # 4x3: the left factor's null space after one gradient is one-dimensional, so the
     # eigenbasis is unique up to signs, to which the update is invariant.
-    check(opt, lambda gs: soap_ref(gs, 2), {"m": (4, 3)}, 5)
+    check_soap(opt, lambda gs: soap_ref(gs, 2), {"m": (4, 3)}, 6)
 
 
 def test_soap_one_sided_for_long_axes_and_adam_for_vectors():
@@ -321,33 +337,36 @@ def test_soap_one_sided_for_long_axes_and_adam_for_vectors():
         g0 = grads[0]
         q = descending_eigh((1 - b2) * g0 @ g0.T)
         m = v = 0.0
-        out = [np.zeros_like(g0)]
-        for t, g in enumerate(grads[1:], 1):
+        out = []
+        for n, g in enumerate(grads[1:], 1):
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * (q.T @ g) ** 2
-            out.append(np.sqrt(1 - b2**t) / (1 - b1**t) * q @ ((q.T @ m) / (np.sqrt(v) + eps)))
+            out.append(np.sqrt(1 - b2**n) / (1 - b1**n) * q @ ((q.T @ m) / (np.sqrt(v) + eps)))
         return out
 
-    check(opt, left_only, {"m": (3, 6)}, 3)
+    check_soap(opt, left_only, {"m": (3, 6)}, 4)
 
     def adam_soap_eps(grads, b1=0.95, b2=0.95, eps=1e-8):
         m = v = 0.0
         out = []
-        for t, g in enumerate(grads, 1):
+        for n, g in enumerate(grads[1:], 1):
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
-            out.append(np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps))
+            out.append(np.sqrt(1 - b2**n) / (1 - b1**n) * m / (np.sqrt(v) + eps))
         return out
 
-    check(opt, adam_soap_eps, {"v": (5,)}, 3)
+    check_soap(opt, adam_soap_eps, {"v": (5,), "s": ()}, 4)
 
 
-def test_soap_merges_leading_axes():
-    opt = rollfast.get("soap", learning_rate=LR, weight_decay=WD, precondition_frequency=2)
+@pytest.mark.parametrize("max_dim, flat, one_d", [(10000, (48,), True), (12, (12, 4), False)])
+def test_soap_merge_dims(max_dim, flat, one_d):
+    """merge_dims: (3, 2, 2, 4) is a 48-vector with a full factor when 48 <= max_precond_dim,
+    a 12x4 matrix when max_precond_dim = 12."""
+    common = {"learning_rate": LR, "weight_decay": WD, "precondition_frequency": 2, "max_precond_dim": max_dim}
+    merged = rollfast.get("soap", merge_dims=True, **common)
+    plain = rollfast.get("soap", precondition_1d=one_d, **common)
     grads = grads_sequence({"k": (3, 2, 2, 4)}, 4)
-    flat = [{"k": g["k"].reshape(12, 4)} for g in grads]
-    p4 = {"k": jnp.ones((3, 2, 2, 4))}
-    a = run_updates(opt, p4, grads)
-    b = run_updates(opt, {"k": jnp.ones((12, 4))}, flat)
+    a = run_updates(merged, {"k": jnp.ones((3, 2, 2, 4))}, grads)
+    b = run_updates(plain, {"k": jnp.ones(flat)}, [{"k": g["k"].reshape(flat)} for g in grads])
     for x, y in zip(a, b):
-        np.testing.assert_allclose(x["k"].reshape(12, 4), y["k"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(x["k"].reshape(flat), y["k"], rtol=1e-5, atol=1e-6)
