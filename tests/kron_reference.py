@@ -142,13 +142,19 @@ def layout(shape, o: Options):
                  or len(shape) < o.min_ndim_triangular or i in forced) for i, d in enumerate(shape)]
 
 
-def units(shapes):
-    """``(alone, packed)``: leaf indices updated alone (in order), and the vectors and
-    scalars packed into one diagonal unit (if there are at least two). No two leaves of
-    the reference trees share a shape, so nothing is stacked."""
+def units(shapes, o: Options):
+    """``(alone, groups, packed)``: leaf indices updated alone (in order); groups of
+    leaves of equal shape and layout, stacked (in order of first appearance); and the
+    vectors and scalars packed into one diagonal unit (if there are at least two)."""
     small = [i for i, s in enumerate(shapes) if len(s) <= 1]
     small = small if len(small) >= 2 else []
-    return [i for i in range(len(shapes)) if i not in small], small
+    alike = {}
+    for i, s in enumerate(shapes):
+        if i not in small:
+            alike.setdefault((tuple(s), tuple(layout(s, o))), []).append(i)
+    groups = [g for g in alike.values() if len(g) > 1]
+    grouped = {i for g in groups for i in g}
+    return [i for i in range(len(shapes)) if i not in small and i not in grouped], groups, small
 
 
 # ---------------------------------------------------------------- linear algebra
@@ -301,29 +307,41 @@ def guard(grads, prob, o: Options):
 
 
 def randomness(state: State, shapes, o: Options):
-    """The step's words: ``(next_key, u_update, u_balance, noise per leaf, probes per leaf)``."""
-    alone, packed = units(shapes)
-    unit_shapes = [tuple(shapes[i]) or (1,) for i in alone]
+    """The step's words: ``(next_key, u_update, u_balance, noise per leaf, probes per leaf)``.
+
+    A stacked group draws one noise array for all its leaves and one probe pair per
+    dense factor, shared by its leaves."""
+    alone, groups, packed = units(shapes, o)
+    dims = lambda i: tuple(shapes[i]) or (1,)
+    unit_shapes = [dims(i) for i in alone] + [(len(g),) + dims(g[0]) for g in groups]
     if packed:
-        unit_shapes.append((sum(max(math.prod(shapes[i]), 1) for i in packed),))
-    probe_shapes = [(2, PROBE_ROWS, d) for i in alone
-                    for d, dense in zip(tuple(shapes[i]) or (1,), layout(shapes[i], o)) if dense]
+        unit_shapes.append((sum(math.prod(dims(i)) for i in packed),))
+    heads = alone + [g[0] for g in groups]
+    probe_shapes = [(2, PROBE_ROWS, d) for i in heads for d, dense in zip(dims(i), layout(shapes[i], o)) if dense]
     next_key, words = draw_words(state.key, 3 + len(unit_shapes) + len(probe_shapes) + 1)
     u_update, u_balance = uniform(words[2])
-    arrays = noise_arrays(words[3:], unit_shapes + probe_shapes)
+    arrays = iter(noise_arrays(words[3:], unit_shapes + probe_shapes))
     noise = [None] * len(shapes)
-    for i, a in zip(alone, arrays):
-        noise[i] = a
+    for i in alone:
+        noise[i] = next(arrays)
+    for g in groups:
+        stacked = next(arrays)
+        for j, i in enumerate(g):
+            noise[i] = stacked[j]
     if packed:
-        flat, start = arrays[len(alone)], 0
+        flat, start = next(arrays), 0
         for i in packed:
-            n = max(math.prod(shapes[i]), 1)
-            noise[i] = flat[start:start + n].reshape(tuple(shapes[i]) or (1,))
+            n = math.prod(dims(i))
+            noise[i] = flat[start:start + n].reshape(dims(i))
             start += n
-    probes = [[None] * len(layout(s, o)) for s in shapes]
-    slots = [(i, k) for i in alone for k, dense in enumerate(layout(shapes[i], o)) if dense]
-    for (i, k), p in zip(slots, arrays[len(unit_shapes):]):
-        probes[i][k] = p
+    probes = [[None] * len(dims(i)) for i in range(len(shapes))]
+    members = {i: [i] for i in alone} | {g[0]: g for g in groups}
+    for i in heads:
+        for k, dense in enumerate(layout(shapes[i], o)):
+            if dense:
+                pair = next(arrays)
+                for member in members[i]:
+                    probes[member][k] = pair
     return next_key, u_update, u_balance, noise, probes
 
 

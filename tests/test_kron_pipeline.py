@@ -41,14 +41,14 @@ def kron_state(state):
     return found[0]
 
 
-def gradient(rng, t, name):
-    g = rng.standard_normal(SHAPES[name]) * 4 / (1 + t)
+def gradient(rng, t, name, shapes=SHAPES):
+    g = rng.standard_normal(shapes[name]) * 4 / (1 + t)
     if (t, name) == (4, "d"):
         g = g * 30  # a spike: clipped (B), skipped (C: not permissive)
     if (t, name) == (6, "a"):
         g = g.copy().reshape(-1)
         g[1] = np.nan  # skipped by everyone
-    return np.asarray(g, np.float32).reshape(SHAPES[name])
+    return np.asarray(g, np.float32).reshape(shapes[name])
 
 
 def relative_error(got, want):
@@ -56,17 +56,18 @@ def relative_error(got, want):
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def run_both(o: ref.Options, steps=8):
+def run_both(o: ref.Options, steps=8, shapes=SHAPES, scales=None):
     """Yield per step ``(library updates, library KronState, reference updates, reference state)``."""
+    names, scales = sorted(shapes), scales or {}
     rng = np.random.default_rng(0)
-    params = {k: jnp.asarray(rng.standard_normal(SHAPES[k]), jnp.float32) for k in NAMES}
+    params = {k: jnp.asarray(rng.standard_normal(shapes[k]), jnp.float32) for k in names}
     opt = rollfast.get("kron", **o.library_kwargs())
     state, update = opt.init(params), jax.jit(opt.update)
-    rs = ref.init([SHAPES[k] for k in NAMES], o)
+    rs = ref.init([shapes[k] for k in names], o)
     for t in range(steps):
-        g = {k: gradient(rng, t, k) for k in NAMES}
+        g = {k: gradient(rng, t, k, shapes) * np.float32(scales.get(k, 1.0)) for k in names}
         u, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
-        ru, rs = ref.step([g[k] for k in NAMES], [np.asarray(params[k]) for k in NAMES], rs, o)
+        ru, rs = ref.step([g[k] for k in names], [np.asarray(params[k]) for k in names], rs, o)
         yield u, kron_state(state), ru, rs
 
 
@@ -102,6 +103,20 @@ def test_whole_step_matches_float64_reference(name):
     assert events["skipped"] == {"A": 1, "B": 1, "C": 2}[name]
     assert events["kept"] == {"A": 3, "B": 0, "C": 0}[name]
     assert events["balanced"] == {"A": 1, "B": 0, "C": 0}[name]
+
+
+def test_stacked_leaves_match_the_reference_with_the_same_probes():
+    """Three leaves of one shape run as one stacked unit sharing a probe pair; with the
+    probes of the reference (the same draws) each leaf's update and factors agree with
+    the float64 reference at 2e-5, gradients 1×, 10× and 100× with the clip active."""
+    shapes = {"a": (4, 3), "b": (4, 3), "c": (4, 3), "w": (3, 4), "e": (5,), "f": (2,)}
+    o = ref.Options(learning_rate=0.1, damping=1e-3, b1=0.5, grad_clip_max_amps=(0.5, 1.0), key=9)
+    for u, ks, ru, rs in run_both(o, steps=5, shapes=shapes, scales={"b": 10.0, "c": 100.0}):
+        assert rs.trace["updated"]
+        for k, want, fs in zip(sorted(shapes), ru, rs.qs):
+            assert relative_error(u[k], want) < TOL, k
+            for got, want_q in zip(ks.qs[k], fs):
+                assert relative_error(got, want_q) < TOL, k
 
 
 def check_balanced(ks, rs):
@@ -190,3 +205,22 @@ def test_stochastic_rounding_of_the_stored_factors():
     assert 0.2 < _between(value) < 0.8  # nearest would be off by ≥ 0.2 spacing ≫ the tolerance
     assert len(np.unique(stored)) == 2
     assert abs(stored.mean() - value) < 4 * spacing / 2 / np.sqrt(stored.size)
+
+
+def test_default_clip_gives_exact_rms_and_element_caps():
+    """With P = s²I fixed, the default clip (2.0, 10.0) maps the update s²g to exactly
+    RMS 2 when larger, then caps entries at exactly ±10; a small update is untouched."""
+    s = 2.0
+    opt = rollfast.get("kron", learning_rate=1.0, b1=0.0, preconditioner_update_probability=0.0,
+                       preconditioner_init_scale=s)
+    params = {"w": jnp.zeros((8, 8)), "small": jnp.zeros((4, 4))}
+    w = np.full((8, 8), 1.0, np.float32)
+    w[0, 0] = 100.0  # one outlier: after the RMS cap it exceeds 10 and is capped
+    small = np.linspace(-0.1, 0.1, 16, dtype=np.float32).reshape(4, 4)
+    u, _ = jax.jit(opt.update)({"w": jnp.asarray(w), "small": jnp.asarray(small)}, opt.init(params), params)
+    want = s**2 * w.astype(np.float64)
+    want = want * 2.0 / np.sqrt(np.mean(want**2))
+    assert want[0, 0] > 10 and np.all(np.abs(want.ravel()[1:]) < 10)
+    want = np.clip(want, -10.0, 10.0)
+    np.testing.assert_allclose(-np.asarray(u["w"]), want, rtol=1e-6)
+    np.testing.assert_allclose(-np.asarray(u["small"]), s**2 * small, rtol=1e-6)
