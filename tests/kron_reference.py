@@ -38,7 +38,8 @@ BALANCE_PROBABILITY = 0.01
 PROCRUSTES_MAX_STEP = 0.125
 # mode → (statistic, inverse probe): hard-coded from docs/kron.md's table
 MODES = {"Q0.5EQ1.5": ("Ph", False), "EQ": ("Qh", True), "EXP": ("Ph", False),
-         "QUAD": ("Ph", False)}
+         "QUAD": ("Ph", False), "NS": ("Ph", False), "TAYLOR2": ("Ph", False), "HYPER": ("Ph", False)}
+CAPS = {"TAYLOR2": 0.5, "HYPER": 0.9}  # step caps c/(ℓ − T2) of the truncated exponentials
 
 
 @dataclass
@@ -209,7 +210,7 @@ def sym(a):
     return (a + a.T) / 2
 
 
-def move_dense(mode, q, t1, t2, eta, probe):
+def move_dense(mode, q, t1, t2, eta, bound, probe):
     """The documented dense geometries (docs/kron.md, table of modes)."""
     eye = np.eye(q.shape[0])
     if mode == "EQ":
@@ -217,6 +218,13 @@ def move_dense(mode, q, t1, t2, eta, probe):
     e_hat = sym(t1) - t2 * eye
     if mode == "EXP":
         return sym(q @ sla.expm(-eta * e_hat))
+    if mode in CAPS:
+        h = min(eta, CAPS[mode] / (bound - t2 + TINY)) * e_hat
+        return sym(q @ (eye - h @ (eye - 0.5 * h))) if mode == "TAYLOR2" else sym(q @ (eye - h))
+    if mode == "NS":
+        moved = q - eta * (t1 - t2 * eye) @ q
+        w, v = np.linalg.eigh(moved.T @ moved)
+        return (v * np.sqrt(np.maximum(w, 0))) @ v.T
     if mode == "QUAD":
         half = eye - 0.5 * eta * (t1 - t2 * eye)
         return sym(half @ q @ half.T)
@@ -259,7 +267,7 @@ def factor_update(qs, ls, h, v, probes, balance, o: Options):
         else:
             eta = o.preconditioner_lr / (bound + TINY)
         if dense:
-            new_qs.append(move_dense(o.mode, q, t1, t2, eta, probe[1]))
+            new_qs.append(move_dense(o.mode, q, t1, t2, eta, bound, probe[1]))
         else:
             new_qs.append(np.abs(q * (1 - eta * (t1 - t2))))
     unbalanced = list(new_qs)
