@@ -304,7 +304,11 @@ def test_missing_update_arguments_are_named():
     with pytest.raises(TypeError, match=r"family 'needs_value' .* needs update\(\.\.\., value=\)"):
         opt.update(params, opt.init(params), params)
     updates, _ = opt.update({"w": jnp.ones(2), "nothing": None}, opt.init(params), params, value=1.0)
-    assert updates["nothing"] is None and updates["w"].shape == (2,)
+    direct = optax.polyak_sgd(1.0)
+    want, _ = direct.update({"w": jnp.ones(2)}, direct.init({"w": jnp.ones(2)}), {"w": jnp.ones(2)}, value=1.0)
+    assert updates["nothing"] is None
+    np.testing.assert_array_equal(updates["w"], want["w"])
+    assert float(jnp.abs(want["w"]).max()) > 0
     rollfast.plugins.reset()
 
 
@@ -344,3 +348,22 @@ def test_auto_masks_trigger_only_on_their_declared_options(fresh):
     with pytest.raises(TypeError, match="unknown option 'gate_shared_option'"):
         rollfast.get("toy", gate_shared_option=1)
     rollfast.get("toy", gate_shared_option=1, gate_on=1)
+
+
+def test_an_option_declared_by_several_parts_reaches_each():
+    """``key`` is declared by the family (adamw) and by the magma mask: the mask's keep
+    pattern over 10 steps follows the key given (the same for the same key, different
+    for another), so the option reached the mask and not only the family."""
+    params = {f"l{i}": jnp.zeros(3) for i in range(8)}
+    grads = {k: jnp.ones(3) for k in params}
+
+    def kept(key):
+        opt = rollfast.get("adamw", learning_rate=0.1, weight_decay=0.0, mask="magma", magma_p=0.5, key=key)
+        state, pattern = opt.init(params), []
+        for _ in range(10):
+            u, state = opt.update(grads, state, params)
+            pattern.append([bool(jnp.any(u[k] != 0)) for k in sorted(params)])
+        return pattern
+
+    assert kept(1) == kept(1)
+    assert kept(1) != kept(2) and kept(1) != kept(42)

@@ -1,6 +1,7 @@
 """Every registered family, whatever plugin provides it: builds with its default
 options plus a learning rate, runs jitted on the mixed tree (plus a zero-size leaf)
-without error or NaN, and decreases a convex quadratic in 50 steps."""
+without error or NaN, and halves a convex quadratic in 50 steps (a few slow
+families: their own measured bound)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ NOT_APPLICABLE = {
 }
 
 LEARNING_RATE = 0.05  # for families whose learning rate has no numeric default
+# 50 steps at their default options take every family's loss below half of the start
+# (measured: most end below 0.1, radam at 0.24); these move slower at their default
+# learning rate or with their step-size estimation, and must reach their own bound
+# (measured ratio in the comment, the bound about 10 % above it).
+SLOW = {"optax:simplified_ademamix": 0.7,  # 0.64
+        "optax:schedule_free_adamw": 0.88,  # 0.81, default lr 1e-3 with warmup
+        "example:adamod": 0.9,  # 0.83, default lr 1e-3
+        "psgd:kron": 0.9,  # 0.83, default lr 1e-3
+        "optax:dog": 0.97,  # 0.94, distance-over-gradients starts with a tiny step
+        "optax:lars": 0.99,  # 0.97
+        "optax:adadelta": 0.99}  # 0.97, unit-free steps start at sqrt(eps)
+DEFAULT_BOUND = 0.5
 FLOAT_KEYS = ("scalar", "bias", "matrix", "conv")
 STEPS = 50
 
@@ -95,7 +108,8 @@ def _run(record):
             assert params["empty"].shape == (0, 3)
     last = float(loss(params))
     assert _all_finite(params) and _all_finite(state), f"NaN/Inf after {STEPS} steps"
-    assert last < 0.999 * first, f"loss {first:.4g} -> {last:.4g} in {STEPS} steps"
+    bound = SLOW.get(record.qualified_name, DEFAULT_BOUND)
+    assert last < bound * first, f"loss {first:.4g} -> {last:.4g} in {STEPS} steps (bound {bound} of the start)"
 
 
 def _marks(name):
@@ -112,4 +126,4 @@ def test_family_runs_and_decreases_a_quadratic(name):
 
 
 def test_not_applicable_names_are_registered():
-    assert set(NOT_APPLICABLE) <= set(FAMILIES), sorted(set(NOT_APPLICABLE) - set(FAMILIES))
+    assert set(NOT_APPLICABLE) | set(SLOW) <= set(FAMILIES), sorted(set(NOT_APPLICABLE) | set(SLOW) - set(FAMILIES))

@@ -167,3 +167,25 @@ def test_bf16_moments_use_the_chosen_rounding():
     lo, hi = bf16_neighbours(exact)
     assert np.all((stored["stochastic"] == lo) | (stored["stochastic"] == hi))
     assert not np.array_equal(stored["stochastic"], stored["nearest"])
+
+
+def test_prism_momentum_is_stored_with_stochastic_rounding():
+    """PRISM with ``mu_dtype=bfloat16, round="stochastic"``: a momentum of 10⁴ equal
+    entries a third of the way between two bfloat16 neighbours is stored as those two
+    with mean the value; with ``round="nearest"`` every entry is the lower one."""
+    x = 1 + 2**-7 / 3
+    b1 = 0.5
+    params = {"w": jnp.zeros((100, 100))}
+    grads = {"w": jnp.full((100, 100), x / (1 - b1), jnp.float32)}  # m = (1 - b1) g from zero
+
+    def stored(rule):
+        opt = rollfast.get("prism", learning_rate=0.1, b1=b1, mu_dtype=jnp.bfloat16, round=rule)
+        _, state = jax.jit(opt.update)(grads, opt.init(params), params)
+        mus = [m for m in jax.tree.leaves(state) if getattr(m, "shape", None) == (100, 100)]
+        assert len(mus) == 1 and mus[0].dtype == jnp.bfloat16
+        return np.asarray(mus[0].astype(jnp.float32), np.float64)
+
+    sr, nearest = stored("stochastic"), stored("nearest")
+    assert set(np.unique(sr)) == {1.0, 1 + 2**-7}
+    assert abs(sr.mean() - x) < 4 * 2**-7 * np.sqrt(2 / 9 / sr.size)
+    assert set(np.unique(nearest)) == {1.0}

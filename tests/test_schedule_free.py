@@ -134,6 +134,35 @@ def test_beats_plain_sgd_at_constant_lr_on_a_noisy_quadratic():
     assert sf < 0.5 * sgd
 
 
+def test_stable_five_times_beyond_the_sgd_step_limit():
+    """Gradients at y = (1−β)z + βx: the z step contracts by 1 − ηa(1−β), so with β = 0.9
+    Schedule-Free converges at η = 5/a_max, 2.5× beyond plain SGD's limit 2/a_max, where
+    SGD, its Polyak average and its linearly weighted average all diverge (checked)."""
+    dim, steps, lr = 64, 300, 5.0
+    a = jnp.asarray(np.logspace(-1, 0, dim), jnp.float32)
+    target = jnp.asarray(np.linspace(-1, 1, dim), jnp.float32)
+    loss = lambda p: float(0.5 * jnp.sum(a * (p - target) ** 2))
+    p0 = jnp.zeros(dim)
+
+    def sgd_averages(carry, _):
+        p, polyak, linear, t = carry
+        p, t = p - lr * a * (p - target), t + 1
+        return (p, polyak + (p - polyak) / t, linear + (p - linear) * 2 / (t + 1), t), None
+
+    (p, polyak, linear, _), _ = jax.lax.scan(sgd_averages, (p0, p0, p0, 0.0), None, length=steps)
+    assert not any(np.isfinite(loss(x)) and loss(x) < loss(p0) for x in (p, polyak, linear))
+
+    opt = rollfast.get("sgd", learning_rate=lr, average="schedule_free", sf_b1=0.9)
+
+    def step(carry, _):
+        p, s = carry
+        u, s = opt.update(a * (p - target), s, p)
+        return (p + u, s), None
+
+    (p, s), _ = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
+    assert loss(rollfast.schedule_free_eval_params(s, p)) < 1e-8 * loss(p0)
+
+
 def test_zero_learning_rate_does_not_move():
     lr = lambda t: jnp.where(t == 1, 0.0, 0.1)
     opt = schedule_free(optax.sgd(lr), learning_rate=lr)

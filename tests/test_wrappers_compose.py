@@ -99,3 +99,20 @@ def test_sharded_equals_unsharded(which):
     assert b["w"].sharding.spec[0] == "d" or len(b["w"].sharding.device_set) == 8
     for x, y in zip(jax.tree.leaves((a, state_a)), jax.tree.leaves((b, state_b))):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_wrappers_get_the_family_default_learning_rate():
+    """Without ``learning_rate=``, a wrapper's learning-rate-relative caps use the family's
+    own default (schedule_free_adamw: 0.0025): the same updates as passing it explicitly,
+    with the caps active (entries exactly ±cap·lr)."""
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.array([1.0, -2.0, 3.0, -4.0])}
+    amps = (1e-3, 1e-3)
+
+    def first_update(**lr):
+        opt = rollfast.get("optax:schedule_free_adamw", grad_clip_max_amps=amps, **lr)
+        return np.asarray(opt.update(g, opt.init(params), params)[0]["w"])
+
+    default, explicit = first_update(), first_update(learning_rate=0.0025)
+    np.testing.assert_array_equal(default, explicit)
+    np.testing.assert_allclose(np.abs(default), 1e-3 * 0.0025, rtol=1e-5)
