@@ -1,4 +1,4 @@
-"""The kron family pipeline (ALGORITHMS.md §1): identities, lazy init, clipping, skipping,
+"""The kron family pipeline (docs/kron.md): identities, lazy init, clipping, skipping,
 convergence for every mode, jit, sharding, bf16, scanned layers, leaf shapes, errors."""
 
 import jax
@@ -425,7 +425,7 @@ def test_blocked_products_change_no_numbers(monkeypatch, mode):
     """From ``BLOCKING`` rows on, Grams form only their upper blocks and EQ's triangular
     factors skip their zero blocks (in Q·h, QᵀQ and triu(E)·Q); forced on small factors
     (odd sizes, every axis position), the steps equal those of whole products."""
-    import rollfast_psgd.factors as factors
+    import rollfast_psgd.linalg as linalg
 
     rng = np.random.default_rng(0)
     params = {"w": jnp.ones((13, 9)), "t": jnp.ones((3, 12, 8)), "b": jnp.ones(5)}
@@ -433,7 +433,7 @@ def test_blocked_products_change_no_numbers(monkeypatch, mode):
              for _ in range(4)]
 
     def run(blocking):
-        monkeypatch.setattr(factors, "BLOCKING", blocking)
+        monkeypatch.setattr(linalg, "BLOCKING", blocking)
         opt = rollfast.get("kron", learning_rate=0.1, mode=mode, preconditioner_update_probability=1.0)
         state, out = opt.init(params), []
         with jax.default_matmul_precision("highest"):
@@ -442,7 +442,7 @@ def test_blocked_products_change_no_numbers(monkeypatch, mode):
                 out.append(u)
         return out, state
 
-    assert len(factors._edges(1023)) == 2 and len(factors._edges(1024)) == 5  # 1 and 4 blocks
+    assert len(linalg._edges(1023)) == 2 and len(linalg._edges(1024)) == 5  # 1 and 4 blocks
     blocked, whole = run(8), run(1 << 30)  # blocks of 2-3 rows; 3 and 5 whole
     factor = next(x for x in jax.tree.leaves(blocked[1]) if x.shape == (12, 12))
     if mode == "EQ":

@@ -1,5 +1,5 @@
 """Every registered kron mode against an independent float64 NumPy reference, and the
-mode invariants (ALGORITHMS.md §2.12): triangular / symmetric factors, whitening."""
+mode invariants (docs/kron.md, "Modes"): triangular / symmetric factors, whitening."""
 
 import types
 
@@ -113,7 +113,7 @@ def gram(z, axis, dense):
 
 
 def reference_update(name, qs, ls, h, v, probes, lr=0.1):
-    """Float64 re-implementation of one preconditioner update (ALGORITHMS.md §1.7, §1.8, §2)."""
+    """Float64 re-implementation of one preconditioner update (docs/kron.md, "One preconditioner update")."""
     spec = record(name).impl
     stat = spec.get("statistic", "Ph")
     x = h

@@ -14,11 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# along, along_upper, apply_all, gram, inverse_probe and preconditioner are also part of
+# this module's public names (modes written against earlier versions import them here).
+from rollfast_psgd.linalg import (along, along_upper, apply_all, gram, inverse_probe,  # noqa: F401
+                                  nlb_spd, preconditioner)
+
 STATISTICS = ("Ph", "Qh")
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 MAX_NDIM = 13
-BLOCKING = 1024  # dense products of at least this many rows run in blocks (see _edges)
-MAX_BLOCKS = 8
 
 
 class FactorTerms(NamedTuple):
@@ -120,164 +123,6 @@ def init_factors(shape, dense, scale) -> tuple:
     return tuple(root * (jnp.eye(d) if is_dense else jnp.ones(d)) for d, is_dense in zip(shape, dense))
 
 
-def along(m, x, axis):
-    """Apply ``m`` to ``x`` along ``axis``: a matrix contracts ``m[a,b]·x[…,b,…]``, a
-    vector multiplies elementwise.
-
-    Args:
-      m: a ``(d, d)`` matrix or a ``(d,)`` vector.
-      x: the tensor.
-      axis: the axis of length ``d``.
-
-    >>> import jax.numpy as jnp
-    >>> along(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([[1.0, 2.0]]), 1)
-    Array([[2., 1.]], dtype=float32)
-    """
-    if m.ndim == 1:
-        return x * m.reshape((-1,) + (1,) * (x.ndim - axis - 1))
-    if axis == x.ndim - 1:
-        return x @ m.T
-    return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
-
-
-def along_upper(m, x, axis):
-    r""":func:`along` for an upper-triangular ``m``, skipping its zero blocks.
-
-    .. math::
-        (MX)_i = \sum_{k \ge i} M_{ik} X_k
-
-    over the row blocks of :func:`_edges`: with :math:`b` blocks,
-    :math:`(b+1)/2b` of the whole product.
-
-    Args:
-      m: an upper-triangular ``(d, d)`` matrix.
-      x: the tensor.
-      axis: the axis of length ``d``.
-
-    >>> import jax.numpy as jnp
-    >>> m = jnp.triu(jnp.ones((2, 2)))
-    >>> along_upper(m, jnp.arange(4.0).reshape(2, 2), 0)
-    Array([[2., 4.],
-           [2., 3.]], dtype=float32)
-    """
-    edges = _edges(m.shape[0])
-    if len(edges) == 2:
-        return along(m, x, axis)
-    spans, blocks = _cut(x, axis, edges)
-    rows = [sum(along(m[a:b, c:e], blocks[k], axis) for k, (c, e) in enumerate(spans) if k >= i)
-            for i, (a, b) in enumerate(spans)]
-    return jnp.concatenate(rows, axis)
-
-
-def _edges(d) -> list:
-    """Block boundaries of a dimension: whole below ``BLOCKING``, else blocks of about
-    ``BLOCKING/4`` rows (at most ``MAX_BLOCKS``). Grams of blocks this large still run
-    at the matmul's full speed."""
-    blocks = 1 if d < BLOCKING else min(MAX_BLOCKS, d, max(1, 4 * d // BLOCKING))
-    return [d * i // blocks for i in range(blocks + 1)]
-
-
-def _cut(x, axis, edges):
-    """The ``(start, stop)`` spans between ``edges`` and the slices of ``x`` along ``axis``."""
-    spans = list(zip(edges, edges[1:]))
-    return spans, [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in spans]
-
-
-def apply_all(mats, x, upper=False):
-    """Apply one matrix or vector per axis: ``Q·X`` from the factors, ``P·X`` from
-    :func:`preconditioner`.
-
-    Args:
-      mats: one matrix or vector per axis of ``x``.
-      x: the tensor.
-      upper: the matrices are upper triangular (:func:`along_upper`).
-
-    >>> import jax.numpy as jnp
-    >>> apply_all([jnp.array([2.0]), jnp.array([3.0, 1.0])], jnp.ones((1, 2)))
-    Array([[6., 2.]], dtype=float32)
-    """
-    for axis, m in enumerate(mats):
-        x = (along_upper if upper and m.ndim == 2 else along)(m, x, axis)
-    return x
-
-
-def preconditioner(qs, upper=False) -> list:
-    """Per axis, ``P_i = Q_iᵀQ_i`` (dense, :func:`gram` along the columns) or ``q_i²``
-    (diagonal).
-
-    Args:
-      qs: the factors of a leaf.
-      upper: the dense factors are upper triangular (their zero blocks are skipped).
-
-    >>> import jax.numpy as jnp
-    >>> preconditioner([jnp.array([[1.0, 1.0], [0.0, 1.0]])])[0]
-    Array([[1., 1.],
-           [1., 2.]], dtype=float32)
-    """
-    return [gram(q, 1, True, upper) if q.ndim == 2 else q * q for q in qs]
-
-
-def inverse_probe(qs, v):
-    """``B = Q^{-T}·v``: per axis solve ``Q_iᵀ Y = V`` (upper-triangular dense factors) or
-    divide by ``q_i``.
-
-    The solve runs as ``Y_(i)ᵀ Q_i = V_(i)ᵀ`` with the axis last: LAPACK's right-side
-    triangular solve is about 1.5× faster here than the transposed left-side one.
-
-    Args:
-      qs: the factors (dense ones upper triangular).
-      v: the probe noise.
-
-    >>> import jax.numpy as jnp
-    >>> inverse_probe([jnp.array([[2.0, 0.0], [0.0, 4.0]])], jnp.ones(2))
-    Array([0.5 , 0.25], dtype=float32)
-    """
-    for axis, q in enumerate(qs):
-        if q.ndim == 1:
-            v = v / q.reshape((-1,) + (1,) * (v.ndim - axis - 1))
-            continue
-        moved = jnp.moveaxis(v, axis, -1)
-        solved = jax.lax.linalg.triangular_solve(q, moved.reshape(-1, q.shape[0]),
-                                                 left_side=False, lower=False)
-        v = jnp.moveaxis(solved.reshape(moved.shape), -1, axis)
-    return v
-
-
-def gram(z, axis, dense, upper=False):
-    r"""``G_i(Z)``: ``Z_(i) Z_(i)ᵀ`` (dense) or the squared norms of the rows of ``Z_(i)``.
-
-    A dense Gram is symmetric: along a long axis (:func:`_edges`) only its upper blocks
-    :math:`G_{ij} = Z_i Z_j^T,\ i \le j` are formed, :math:`(b+1)/2b` of the product.
-    With ``upper``, ``z`` is an upper-triangular matrix and ``axis`` is 1
-    (:math:`G = Z^TZ`): block :math:`ij` then contracts only the rows above
-    block :math:`i`'s end.
-
-    Args:
-      z: the tensor.
-      axis: the factor's axis.
-      dense: whether the factor is dense.
-      upper: ``z`` is upper triangular (``axis`` 1).
-
-    >>> import jax.numpy as jnp
-    >>> gram(jnp.array([[1.0, 2.0], [0.0, 3.0]]), 0, False)
-    Array([5., 9.], dtype=float32)
-    """
-    others = tuple(i for i in range(z.ndim) if i != axis)
-    if not dense:
-        return jnp.sum(z * z, axis=others)
-    edges = _edges(z.shape[axis])
-    if len(edges) == 2:
-        return jnp.tensordot(z, z, axes=(others, others))
-    spans, cuts = _cut(z, axis, edges)
-    n = len(cuts)
-    blocks = {}
-    for i, (_, end) in enumerate(spans):
-        for j in range(i, n):
-            zi, zj = (cuts[i][:end], cuts[j][:end]) if upper else (cuts[i], cuts[j])
-            blocks[i, j] = jnp.tensordot(zi, zj, axes=(others, others))
-    return jnp.block([[blocks[i, j] if i <= j else blocks[j, i].T for j in range(n)] for i in range(n)])
-
-
 def diag_step(q, terms):
     r"""The diagonal rule of every mode: :math:`q \leftarrow |q \odot (1 - \eta (T_1 - T_2))|`.
 
@@ -343,52 +188,169 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
     >>> qs[0], ps[0]
     (Array([1.1, 1.1], dtype=float32), Array([1.21, 1.21], dtype=float32))
     """
-    from rollfast_psgd.linalg import nlb_spd
-
     spec = cfg.spec
-    tiny = jnp.finfo(jnp.float32).tiny
     upper = spec.inverse_probe  # the protocol: inverse-probe modes keep dense factors upper triangular
-    x = apply_all(qs, h, upper) if spec.statistic == "Qh" else apply_all(preconditioner(qs, upper), h)
-    b = inverse_probe(qs, v) if spec.inverse_probe else None
-    mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
+    x, b = statistic(qs, h, v, spec)
     new_qs, new_ls, new_ps = [], [], []
     for i, (q, probe) in enumerate(zip(qs, probes)):
-        dense = q.ndim == 2
-        p_bound, p_geom = probe if dense else (None, None)
-        t1 = mean(gram(x, i, dense))
-        if b is None:
-            t1, t2 = t1 + cfg.damping, jnp.float32(h.size / q.shape[0])
-        else:
-            t2 = mean(gram(b, i, dense))
-        if not dense:
-            bound = jnp.max(t1 + t2) if segments is None else segments.max(t1 + t2)
-        elif b is None:
-            bound = nlb_spd(t1, p_bound) + t2
-        else:
-            bound = nlb_spd(t1 + t2, p_bound)
-        if cfg.axis_name:
-            bound = jax.lax.pmax(bound, cfg.axis_name)
-        if cfg.track_lipschitz:
-            l_new = jnp.maximum(cfg.beta_lipschitz * ls[i] + (1 - cfg.beta_lipschitz) * bound, bound)
-            eta = cfg.preconditioner_lr / jnp.maximum(l_new, tiny)
-            new_ls.append(l_new)
-        else:
-            eta = cfg.preconditioner_lr / (bound + tiny)
-        if segments is not None:
-            eta = segments.spread(eta)
-        terms = FactorTerms(t1, t2, eta, bound, p_geom, cfg.newton_schulz_iters)
-        move = spec.update_dense if dense else (spec.update_diag or diag_step)
-        moved = move(q, terms)
-        new_q, new_p = moved if isinstance(moved, tuple) else (moved, None)
-        new_qs.append(new_q.astype(jnp.float32))
+        p_bound, p_geom = probe if q.ndim == 2 else (None, None)
+        t1, t2 = gram_terms(x, b, axis=i, q=q, n=h.size, cfg=cfg)
+        bound = curvature_bound(t1, t2, p_bound, dense=q.ndim == 2, segments=segments,
+                                axis_name=cfg.axis_name)
+        eta, l_new = lipschitz_step(bound, None if ls is None else ls[i], cfg, segments)
+        new_ls.append(l_new)
+        new_q, new_p = move_factor(q, FactorTerms(t1, t2, eta, bound, p_geom, cfg.newton_schulz_iters), spec)
+        new_qs.append(new_q)
         new_ps.append(new_p)
-    if len(new_qs) > 1:
-        scales = balancing(new_qs, balance, cfg.axis_name)
-        new_qs = [q * s for q, s in zip(new_qs, scales)]
-        new_ps = [None if p is None else p * s**2 for p, s in zip(new_ps, scales)]
+    new_qs, new_ps = balanced(new_qs, new_ps, balance, cfg.axis_name)
     new_ps = [preconditioner([q], upper)[0] if p is None else p.astype(jnp.float32)
               for q, p in zip(new_qs, new_ps)]
     return new_qs, (new_ls if cfg.track_lipschitz else ls), new_ps
+
+
+def statistic(qs, h, v, spec: ModeSpec):
+    r"""The statistic of one update, from the old factors: :math:`X = Qh` (``"Qh"``) or
+    :math:`X = Ph` (``"Ph"``), and :math:`B = Q^{-T}v` for an inverse-probe mode
+    (else ``None``).
+
+    Args:
+      qs: the factors (float32; dense ones upper triangular for inverse-probe modes).
+      h: the probe gradient.
+      v: the probe noise.
+      spec: the mode's :class:`ModeSpec`.
+
+    >>> import jax.numpy as jnp
+    >>> x, b = statistic([jnp.array([2.0, 3.0])], jnp.ones(2), jnp.ones(2), mode_spec({"update_dense": abs}))
+    >>> x, b
+    (Array([4., 9.], dtype=float32), None)
+    """
+    upper = spec.inverse_probe
+    x = apply_all(qs, h, upper) if spec.statistic == "Qh" else apply_all(preconditioner(qs, upper), h)
+    return x, (inverse_probe(qs, v) if spec.inverse_probe else None)
+
+
+def gram_terms(x, b, *, axis, q, n, cfg: UpdateConfig):
+    r"""``(T_1, T_2)`` of the factor along ``axis``.
+
+    .. math::
+        T_1 = \operatorname{mean}_{\text{axis\_name}} G_i(X) + \delta,\quad T_2 = n/d_i
+        \qquad\text{or, with } B:\qquad
+        T_1 = \operatorname{mean} G_i(X),\quad T_2 = \operatorname{mean} G_i(B)
+
+    Args:
+      x: the statistic.
+      b: the inverse probe :math:`B`, or ``None``.
+      axis: the factor's axis :math:`i`.
+      q: the factor (its rank says dense or diagonal, its length is :math:`d_i`).
+      n: the number of elements of the leaf.
+      cfg: the :class:`UpdateConfig` (``damping`` δ, ``axis_name``).
+
+    >>> import jax.numpy as jnp
+    >>> cfg = UpdateConfig(mode_spec({"update_dense": abs}), 0.1, 0.9, True, 0.5, 5)
+    >>> gram_terms(jnp.array([1.0, 2.0]), None, axis=0, q=jnp.ones(2), n=2, cfg=cfg)
+    (Array([1.5, 4.5], dtype=float32), Array(1., dtype=float32))
+    """
+    dense = q.ndim == 2
+    mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
+    t1 = mean(gram(x, axis, dense))
+    if b is None:
+        return t1 + cfg.damping, jnp.float32(n / q.shape[0])
+    return t1, mean(gram(b, axis, dense))
+
+
+def curvature_bound(t1, t2, probe, *, dense, segments=None, axis_name=None):
+    r"""The curvature bound :math:`\ell` of one factor update.
+
+    .. math::
+        \ell = \begin{cases}
+        \mathrm{nlb}(T_1) + T_2 & \text{dense, scalar } T_2\\
+        \mathrm{nlb}(T_1 + T_2) & \text{dense, matrix } T_2\\
+        \max(T_1 + T_2) & \text{diagonal (per segment of a packed factor)}
+        \end{cases}
+
+    maxed over ``axis_name``; :math:`\mathrm{nlb}` is
+    :func:`~rollfast_psgd.linalg.nlb_spd`, a lower bound of the spectral norm.
+
+    Args:
+      t1: :math:`T_1`.
+      t2: :math:`T_2`.
+      probe: the ``(32, d)`` probe of the norm bound (dense factors).
+      dense: whether the factor is dense.
+      segments: the :class:`Segments` of a packed diagonal factor, or ``None``.
+      axis_name: mapped axis to max the bound over.
+
+    >>> import jax.numpy as jnp
+    >>> curvature_bound(jnp.array([1.0, 3.0]), jnp.float32(1.0), None, dense=False)
+    Array(4., dtype=float32)
+    """
+    if not dense:
+        bound = jnp.max(t1 + t2) if segments is None else segments.max(t1 + t2)
+    elif jnp.ndim(t2) == 0:
+        bound = nlb_spd(t1, probe) + t2
+    else:
+        bound = nlb_spd(t1 + t2, probe)
+    return jax.lax.pmax(bound, axis_name) if axis_name else bound
+
+
+def lipschitz_step(bound, l, cfg: UpdateConfig, segments=None):
+    r"""``(η, L')``: the normalised step and the new Lipschitz estimate.
+
+    .. math::
+        L' = \max(\beta L + (1-\beta)\ell,\ \ell),\quad \eta = \eta_0 / \max(L', \text{tiny})
+
+    or, without ``track_lipschitz``, :math:`\eta = \eta_0/(\ell + \text{tiny})` and
+    :math:`L'` is ``None``. For a packed factor, :math:`\eta` is spread per segment.
+
+    Args:
+      bound: the curvature bound :math:`\ell`.
+      l: the previous estimate :math:`L` (ignored without ``track_lipschitz``).
+      cfg: the :class:`UpdateConfig` (η₀, β, ``track_lipschitz``).
+      segments: the :class:`Segments` of a packed factor, or ``None``.
+
+    >>> import jax.numpy as jnp
+    >>> cfg = UpdateConfig(mode_spec({"update_dense": abs}), 0.1, 0.5, True, 1e-9, 5)
+    >>> lipschitz_step(jnp.float32(2.0), jnp.float32(4.0), cfg)
+    (Array(0.03333334, dtype=float32), Array(3., dtype=float32))
+    """
+    tiny = jnp.finfo(jnp.float32).tiny
+    if cfg.track_lipschitz:
+        l_new = jnp.maximum(cfg.beta_lipschitz * l + (1 - cfg.beta_lipschitz) * bound, bound)
+        eta = cfg.preconditioner_lr / jnp.maximum(l_new, tiny)
+    else:
+        l_new, eta = None, cfg.preconditioner_lr / (bound + tiny)
+    return (eta if segments is None else segments.spread(eta)), l_new
+
+
+def move_factor(q, terms: FactorTerms, spec: ModeSpec):
+    """``(q', p')``: the mode's move of one factor (``update_dense``, or ``update_diag`` /
+    :func:`diag_step` for a vector), in float32; ``p'`` is the ``q'ᵀq'`` the mode
+    returned with it, or ``None``.
+
+    >>> import jax.numpy as jnp
+    >>> terms = FactorTerms(jnp.array([3.0, 1.0]), 1.0, 0.5, 4.0, None, 5)
+    >>> move_factor(jnp.ones(2), terms, mode_spec({"update_dense": abs}))
+    (Array([0., 1.], dtype=float32), None)
+    """
+    move = spec.update_dense if q.ndim == 2 else (spec.update_diag or diag_step)
+    moved = move(q, terms)
+    new_q, new_p = moved if isinstance(moved, tuple) else (moved, None)
+    return new_q.astype(jnp.float32), new_p
+
+
+def balanced(qs, ps, when, axis_name=None):
+    r"""Factors (and the products :math:`P_i` modes returned) rescaled by
+    :func:`balancing`: :math:`Q_i \leftarrow s_iQ_i,\ P_i \leftarrow s_i^2P_i`, where
+    ``when`` is true and there are two or more factors.
+
+    >>> import jax.numpy as jnp
+    >>> balanced([jnp.array([4.0]), jnp.array([1.0])], [None, jnp.array([1.0])], True)
+    ([Array([2.], dtype=float32), Array([2.], dtype=float32)], [None, Array([4.], dtype=float32)])
+    """
+    if len(qs) < 2:
+        return qs, ps
+    scales = balancing(qs, when, axis_name)
+    return ([q * s for q, s in zip(qs, scales)],
+            [None if p is None else p * s**2 for p, s in zip(ps, scales)])
 
 
 def balancing(qs, when, axis_name=None) -> list:

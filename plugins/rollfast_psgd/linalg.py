@@ -16,6 +16,8 @@ PROCRUSTES_MAX_STEP = 0.125
 NS_TOL = 1e-3  # XᵀX this close to I: one more Newton–Schulz step reaches float32 accuracy
 NS_EXTRA_ITERS = 40
 EXPM_THETA = 0.125  # ‖A‖ up to which the degree-4 Taylor polynomial is float32-accurate
+BLOCKING = 1024  # dense products of at least this many rows run in blocks (see _edges)
+MAX_BLOCKS = 8
 
 
 def sym(a):
@@ -41,6 +43,164 @@ def diagonal(a):
     Array([0., 4., 8.], dtype=float32)
     """
     return a.reshape(-1)[:: a.shape[0] + 1]
+
+def along(m, x, axis):
+    """Apply ``m`` to ``x`` along ``axis``: a matrix contracts ``m[a,b]·x[…,b,…]``, a
+    vector multiplies elementwise.
+
+    Args:
+      m: a ``(d, d)`` matrix or a ``(d,)`` vector.
+      x: the tensor.
+      axis: the axis of length ``d``.
+
+    >>> import jax.numpy as jnp
+    >>> along(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([[1.0, 2.0]]), 1)
+    Array([[2., 1.]], dtype=float32)
+    """
+    if m.ndim == 1:
+        return x * m.reshape((-1,) + (1,) * (x.ndim - axis - 1))
+    if axis == x.ndim - 1:
+        return x @ m.T
+    return jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
+
+
+def along_upper(m, x, axis):
+    r""":func:`along` for an upper-triangular ``m``, skipping its zero blocks.
+
+    .. math::
+        (MX)_i = \sum_{k \ge i} M_{ik} X_k
+
+    over the row blocks of :func:`_edges`: with :math:`b` blocks,
+    :math:`(b+1)/2b` of the whole product.
+
+    Args:
+      m: an upper-triangular ``(d, d)`` matrix.
+      x: the tensor.
+      axis: the axis of length ``d``.
+
+    >>> import jax.numpy as jnp
+    >>> m = jnp.triu(jnp.ones((2, 2)))
+    >>> along_upper(m, jnp.arange(4.0).reshape(2, 2), 0)
+    Array([[2., 4.],
+           [2., 3.]], dtype=float32)
+    """
+    edges = _edges(m.shape[0])
+    if len(edges) == 2:
+        return along(m, x, axis)
+    spans, blocks = _cut(x, axis, edges)
+    rows = [sum(along(m[a:b, c:e], blocks[k], axis) for k, (c, e) in enumerate(spans) if k >= i)
+            for i, (a, b) in enumerate(spans)]
+    return jnp.concatenate(rows, axis)
+
+
+def _edges(d) -> list:
+    """Block boundaries of a dimension: whole below ``BLOCKING``, else blocks of about
+    ``BLOCKING/4`` rows (at most ``MAX_BLOCKS``). Grams of blocks this large still run
+    at the matmul's full speed."""
+    blocks = 1 if d < BLOCKING else min(MAX_BLOCKS, d, max(1, 4 * d // BLOCKING))
+    return [d * i // blocks for i in range(blocks + 1)]
+
+
+def _cut(x, axis, edges):
+    """The ``(start, stop)`` spans between ``edges`` and the slices of ``x`` along ``axis``."""
+    spans = list(zip(edges, edges[1:]))
+    return spans, [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in spans]
+
+
+def apply_all(mats, x, upper=False):
+    """Apply one matrix or vector per axis: ``Q·X`` from the factors, ``P·X`` from
+    :func:`preconditioner`.
+
+    Args:
+      mats: one matrix or vector per axis of ``x``.
+      x: the tensor.
+      upper: the matrices are upper triangular (:func:`along_upper`).
+
+    >>> import jax.numpy as jnp
+    >>> apply_all([jnp.array([2.0]), jnp.array([3.0, 1.0])], jnp.ones((1, 2)))
+    Array([[6., 2.]], dtype=float32)
+    """
+    for axis, m in enumerate(mats):
+        x = (along_upper if upper and m.ndim == 2 else along)(m, x, axis)
+    return x
+
+
+def preconditioner(qs, upper=False) -> list:
+    """Per axis, ``P_i = Q_iᵀQ_i`` (dense, :func:`gram` along the columns) or ``q_i²``
+    (diagonal).
+
+    Args:
+      qs: the factors of a leaf.
+      upper: the dense factors are upper triangular (their zero blocks are skipped).
+
+    >>> import jax.numpy as jnp
+    >>> preconditioner([jnp.array([[1.0, 1.0], [0.0, 1.0]])])[0]
+    Array([[1., 1.],
+           [1., 2.]], dtype=float32)
+    """
+    return [gram(q, 1, True, upper) if q.ndim == 2 else q * q for q in qs]
+
+
+def inverse_probe(qs, v):
+    """``B = Q^{-T}·v``: per axis solve ``Q_iᵀ Y = V`` (upper-triangular dense factors) or
+    divide by ``q_i``.
+
+    The solve runs as ``Y_(i)ᵀ Q_i = V_(i)ᵀ`` with the axis last: LAPACK's right-side
+    triangular solve is about 1.5× faster here than the transposed left-side one.
+
+    Args:
+      qs: the factors (dense ones upper triangular).
+      v: the probe noise.
+
+    >>> import jax.numpy as jnp
+    >>> inverse_probe([jnp.array([[2.0, 0.0], [0.0, 4.0]])], jnp.ones(2))
+    Array([0.5 , 0.25], dtype=float32)
+    """
+    for axis, q in enumerate(qs):
+        if q.ndim == 1:
+            v = v / q.reshape((-1,) + (1,) * (v.ndim - axis - 1))
+            continue
+        moved = jnp.moveaxis(v, axis, -1)
+        solved = jax.lax.linalg.triangular_solve(q, moved.reshape(-1, q.shape[0]),
+                                                 left_side=False, lower=False)
+        v = jnp.moveaxis(solved.reshape(moved.shape), -1, axis)
+    return v
+
+
+def gram(z, axis, dense, upper=False):
+    r"""``G_i(Z)``: ``Z_(i) Z_(i)ᵀ`` (dense) or the squared norms of the rows of ``Z_(i)``.
+
+    A dense Gram is symmetric: along a long axis (:func:`_edges`) only its upper blocks
+    :math:`G_{ij} = Z_i Z_j^T,\ i \le j` are formed, :math:`(b+1)/2b` of the product.
+    With ``upper``, ``z`` is an upper-triangular matrix and ``axis`` is 1
+    (:math:`G = Z^TZ`): block :math:`ij` then contracts only the rows above
+    block :math:`i`'s end.
+
+    Args:
+      z: the tensor.
+      axis: the factor's axis.
+      dense: whether the factor is dense.
+      upper: ``z`` is upper triangular (``axis`` 1).
+
+    >>> import jax.numpy as jnp
+    >>> gram(jnp.array([[1.0, 2.0], [0.0, 3.0]]), 0, False)
+    Array([5., 9.], dtype=float32)
+    """
+    others = tuple(i for i in range(z.ndim) if i != axis)
+    if not dense:
+        return jnp.sum(z * z, axis=others)
+    edges = _edges(z.shape[axis])
+    if len(edges) == 2:
+        return jnp.tensordot(z, z, axes=(others, others))
+    spans, cuts = _cut(z, axis, edges)
+    n = len(cuts)
+    blocks = {}
+    for i, (_, end) in enumerate(spans):
+        for j in range(i, n):
+            zi, zj = (cuts[i][:end], cuts[j][:end]) if upper else (cuts[i], cuts[j])
+            blocks[i, j] = jnp.tensordot(zi, zj, axes=(others, others))
+    return jnp.block([[blocks[i, j] if i <= j else blocks[j, i].T for j in range(n)] for i in range(n)])
+
 
 
 def _power_bound(a, scale, probe):
@@ -135,7 +295,7 @@ def ns_spd(q, probe, iters):
     orthogonal to float32 accuracy and further steps change nothing. A well-conditioned
     ``q`` needs about three steps. An ill-conditioned one needs more, since a singular
     value :math:`s \ll \sigma` only grows by 1.5× per step and stopping early would
-    shrink it in :math:`X^TQ` (ALGORITHMS.md §2.13); the reference's fixed ``iters``
+    shrink it in :math:`X^TQ` (docs/kron.md, NS); the reference's fixed ``iters``
     steps are therefore not a limit, ``iters + 40`` is.
 
     Args:
@@ -152,8 +312,6 @@ def ns_spd(q, probe, iters):
     Array([[2., 0.],
            [0., 2.]], dtype=float32)
     """
-    from rollfast_psgd.factors import gram
-
     qtq = gram(q, 1, True)
     scale = 1 / (jnp.sqrt(nlb_spd(qtq, probe)) + jnp.finfo(jnp.float32).eps)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)

@@ -1,28 +1,33 @@
-"""``scale_by_kron``: the PSGD Kron pipeline as one Optax transformation.
+"""``scale_by_kron``: the PSGD Kron pipeline as one Optax transformation, built from stages.
 
-Per step: spike clip → momentum → lazy scale init → (with probability ``p``) one
-preconditioner update by the chosen mode → ``u = P·m`` → update clipping. A step whose
-gradient is not finite, or a spike that is skipped, returns zero updates and leaves the
-state exactly as it was.
+Per step (:func:`kron_update`): :func:`guard_spike` → :func:`momentum` → :func:`lazy_scale`
+→ (with probability ``p``) :func:`fit_factors` → :func:`apply_preconditioner` →
+:func:`clip_updates`; where the factors live is :func:`leaf_plans` (the layout stage),
+the state is written by :func:`next_state`. A step whose gradient is not finite, or a
+spike with ``permissive_spike_protection=False``, returns zero updates and leaves the
+state exactly as it was. The equations are in ``docs/kron.md``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from functools import partial
+from typing import Callable, NamedTuple
 
+import attrs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rollfast.toolbox import all_finite, hashed_bits, resolve, sum_of_squares
-from rollfast_psgd.factors import MEMORY_SAVE_MODES, Packing, UpdateConfig, mode_spec
-from rollfast_psgd.linalg import PROBES
+from rollfast.toolbox import hashed_bits, resolve, spike_guard, update_clipper
+from rollfast_psgd.factors import (MEMORY_SAVE_MODES, ModeSpec, Packing, UpdateConfig, init_factors, layout,
+                                   mode_spec, update_factors)
+from rollfast_psgd.linalg import PROBES, apply_all, preconditioner
 from rollfast_psgd.schedule import precond_update_prob_schedule
 
-GRAD_CLIP_MODES = ("per_tensor_rms", "global_rms")
 BALANCE_PROBABILITY = 0.01
 POOL_LIMIT = 1 << 16  # arrays below this many elements share one normal draw
+F32 = jnp.float32
 
 
 class KronState(NamedTuple):
@@ -42,53 +47,116 @@ class KronState(NamedTuple):
     key: object
 
 
-def scale_by_kron(
-    b1=0.9,
-    preconditioner_update_probability=precond_update_prob_schedule(),
-    max_size_triangular=8192,
-    max_skew_triangular=1.0,
-    min_ndim_triangular=2,
-    memory_save_mode=None,
-    whiten_grad=True,
-    update_preconditioner_first=True,
-    preconditioner_lr=0.1,
-    preconditioner_init_scale=None,
-    mu_dtype=None,
-    precond_dtype=None,
-    precond_update_precision="tensorfloat32",
-    precond_grads_precision=None,
-    scanned_layers=None,
-    lax_map_scanned_layers=False,
-    lax_map_batch_size=8,
-    mode="Q0.5EQ1.5",
-    beta_lipschitz=0.9,
-    track_lipschitz=True,
-    damping=1e-9,
-    grad_clip_max_amps=(2.0, 10.0),
-    grad_clip_mode="per_tensor_rms",
-    raw_global_grad_clip=None,
-    permissive_spike_protection=True,
-    newton_schulz_iters=5,
-    axis_name=None,
-    round="nearest",
-    key=42,
-):
+def _check_memory_save_mode(instance, attribute, value):
+    if value not in MEMORY_SAVE_MODES:
+        raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class KronOptions:
+    """The options of :func:`scale_by_kron`, validated once (see its Args), and what
+    follows from them: the mode's :class:`~rollfast_psgd.factors.ModeSpec`, the rounding
+    rule, the update clipper, storage dtypes and the factor update's
+    :class:`~rollfast_psgd.factors.UpdateConfig`.
+
+    >>> KronOptions(mode="EXP").spec.statistic
+    'Ph'
+    >>> KronOptions(memory_save_mode="some_diag")
+    Traceback (most recent call last):
+    ValueError: memory_save_mode must be one of (None, 'one_diag', 'all_diag'), got 'some_diag'
+    """
+
+    b1: float = 0.9
+    preconditioner_update_probability: float | Callable = precond_update_prob_schedule()
+    max_size_triangular: int = 8192
+    max_skew_triangular: float = 1.0
+    min_ndim_triangular: int = 2
+    memory_save_mode: str | None = attrs.field(default=None, validator=_check_memory_save_mode)
+    whiten_grad: bool = True
+    update_preconditioner_first: bool = True
+    preconditioner_lr: float = 0.1
+    preconditioner_init_scale: float | None = None
+    mu_dtype: object = None
+    precond_dtype: object = None
+    precond_update_precision: object = "tensorfloat32"
+    precond_grads_precision: object = None
+    scanned_layers: object = None
+    lax_map_scanned_layers: bool = False
+    lax_map_batch_size: int = 8
+    mode: object = "Q0.5EQ1.5"
+    beta_lipschitz: float = 0.9
+    track_lipschitz: bool = True
+    damping: float = 1e-9
+    grad_clip_max_amps: object = (2.0, 10.0)
+    grad_clip_mode: str = "per_tensor_rms"
+    raw_global_grad_clip: float | None = None
+    permissive_spike_protection: bool = True
+    newton_schulz_iters: int = 5
+    axis_name: object = None
+    round: object = "nearest"
+    key: object = 42
+    spec: ModeSpec = attrs.field(init=False)
+    rounding: object = attrs.field(init=False)
+    clip: Callable = attrs.field(init=False)
+    update_config: UpdateConfig = attrs.field(init=False)
+
+    @spec.default
+    def _spec(self):
+        return mode_spec(resolve("mode", self.mode, "kron", option="mode").impl)
+
+    @rounding.default
+    def _rounding(self):
+        return resolve("round", self.round, default="nearest", option="round")
+
+    @clip.default
+    def _clip(self):
+        return update_clipper(self.grad_clip_mode, self.grad_clip_max_amps, self.axis_name)
+
+    @update_config.default
+    def _update_config(self):
+        return UpdateConfig(self.spec, self.preconditioner_lr, self.beta_lipschitz, self.track_lipschitz,
+                            self.damping, self.newton_schulz_iters, self.axis_name)
+
+    def __attrs_post_init__(self):
+        if not self.whiten_grad and self.b1 <= 0:
+            raise ValueError("whiten_grad=False whitens the momentum and needs b1 > 0")
+
+    @property
+    def mu_store(self):
+        return jnp.dtype(self.mu_dtype or F32)
+
+    @property
+    def q_store(self):
+        return jnp.dtype(self.precond_dtype or F32)
+
+    @property
+    def never_updates(self) -> bool:
+        """A constant update probability of 0: no update branch is compiled."""
+        p = self.preconditioner_update_probability
+        return not callable(p) and p <= 0
+
+
+def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_schedule(), max_size_triangular=8192,
+                  max_skew_triangular=1.0, min_ndim_triangular=2, memory_save_mode=None, whiten_grad=True,
+                  update_preconditioner_first=True, preconditioner_lr=0.1, preconditioner_init_scale=None,
+                  mu_dtype=None, precond_dtype=None, precond_update_precision="tensorfloat32",
+                  precond_grads_precision=None, scanned_layers=None, lax_map_scanned_layers=False,
+                  lax_map_batch_size=8, mode="Q0.5EQ1.5", beta_lipschitz=0.9, track_lipschitz=True, damping=1e-9,
+                  grad_clip_max_amps=(2.0, 10.0), grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None,
+                  permissive_spike_protection=True, newton_schulz_iters=5, axis_name=None, round="nearest",
+                  key=42) -> optax.GradientTransformation:
     r"""Precondition the momentum with a Kronecker-factored PSGD preconditioner.
 
     .. math::
         m_t = (1-\beta_t) g_t + \beta_t m_{t-1},\ \beta_t = \min(\tfrac{t-1}{t}, b_1),\qquad
         u_t = \operatorname{clip}(P m_t),\ P = Q^TQ,\ Q = Q_1\otimes\dots\otimes Q_k
 
-    and, with probability :math:`p(t)`, each factor first moves towards whitening the
-    probe :math:`h = g + (\delta + \epsilon|g|) v`, :math:`v\sim N(0,I)`: the mode's
-    geometry applied to the error :math:`G_i(Ph) + \delta - \tfrac{n}{d_i} I` (or its EQ /
-    TAYLOR2 variants), with step :math:`\eta_0/L`, :math:`L` a running max of the
-    curvature bound :math:`\ell`.
+    and, with probability :math:`p(t)`, each factor first takes a step of the mode's geometry
+    towards whitening :math:`h = g + (\delta + \epsilon|g|) v` (equations: ``docs/kron.md``).
 
     Args:
-      b1: momentum (``β_t = min(t/(1+t), b1)``); ``<= 0`` uses the gradient.
-      preconditioner_update_probability: float or schedule ``step -> p`` (default:
-        :func:`precond_update_prob_schedule`).
+      b1: momentum (``β_t = min((t-1)/t, b1)``); ``<= 0`` uses the gradient.
+      preconditioner_update_probability: float or schedule ``step -> p``.
       max_size_triangular: axes longer than this get a diagonal factor.
       max_skew_triangular: an axis with ``d² > max_skew_triangular · n`` gets a diagonal factor.
       min_ndim_triangular: leaves with fewer axes get only diagonal factors.
@@ -96,246 +164,351 @@ def scale_by_kron(
       whiten_grad: fit P to the gradient (True) or to the momentum (False, needs ``b1 > 0``).
       update_preconditioner_first: precondition with this step's updated factors.
       preconditioner_lr: base step η₀ of the factor updates.
-      preconditioner_init_scale: initial ``s`` of ``P = s²I``; ``None`` estimates
-        ``s = (max_leaf mean g⁴ + damping⁴)^{-1/8}`` from the first gradient.
+      preconditioner_init_scale: initial ``s`` of ``P = s²I``; ``None``: from the first gradient.
       mu_dtype: momentum storage dtype (``None``: float32).
       precond_dtype: factor storage dtype (``None``: float32).
       precond_update_precision: matmul precision of the factor updates.
       precond_grads_precision: matmul precision of ``P·m`` (``None``: JAX default).
-      scanned_layers: bool pytree (or ``params -> pytree``) marking leaves stacked on
-        their leading axis; each layer gets its own factors.
+      scanned_layers: bool pytree (or ``params -> pytree``) of leaves stacked on axis 0.
       lax_map_scanned_layers: map scanned layers with ``lax.map`` instead of ``vmap``.
       lax_map_batch_size: ``lax.map`` batch size (``<= 1``: unbatched).
       mode: the factor geometry, a registered kron mode (``rollfast list``).
       beta_lipschitz: decay of the Lipschitz estimate ``L``.
       track_lipschitz: normalise by the running ``L`` (True) or by this update's bound.
       damping: probe noise floor δ, added to ``G_i(Ph)``, and in the init-scale estimate.
-      grad_clip_max_amps: ``(rms, elementwise)`` caps of the update; a number means
-        ``(number, 10.0)``.
+      grad_clip_max_amps: ``(rms, elementwise)`` update caps; a number ``a`` is ``(a, 10.0)``.
       grad_clip_mode: ``"per_tensor_rms"`` or ``"global_rms"``.
-      raw_global_grad_clip: clip the raw gradient to this global L2 norm (a "spike").
-      permissive_spike_protection: while ``p >= 1`` spikes are clipped, not skipped.
-      newton_schulz_iters: the NS mode's reference iteration count; its polar projection
-        runs to convergence, at most ``newton_schulz_iters + 40`` steps.
+      raw_global_grad_clip: spike threshold ``c`` on the raw gradient's global L2 norm.
+      permissive_spike_protection: a spike is rescaled to norm ``c`` (True) or skipped (False).
+      newton_schulz_iters: NS's reference iteration count (it runs at most ``+ 40``).
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
 
-    >>> import jax.numpy as jnp
-    >>> tx = scale_by_kron(b1=0.0, preconditioner_update_probability=0.0,
-    ...                    preconditioner_init_scale=2.0)
-    >>> tx.update({"w": jnp.full((2, 2), 0.25)}, tx.init({"w": jnp.zeros((2, 2))}))[0]["w"]
-    Array([[1., 1.],
-           [1., 1.]], dtype=float32)
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`KronState`.
+
+    References:
+      Li, `Preconditioned stochastic gradient descent <https://arxiv.org/abs/1512.04202>`_, 2015;
+      Li, `Preconditioner on matrix Lie group for SGD <https://arxiv.org/abs/1809.10232>`_, 2018.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> loss = lambda w: 0.5 * jnp.sum((jnp.diag(jnp.array([10.0, 1.0, 0.1])) @ w - 1.0) ** 2)  # min 0
+    >>> tx = optax.chain(scale_by_kron(preconditioner_update_probability=1.0), optax.scale(-0.1))
+    >>> step = jax.jit(lambda w, state: tx.update(jax.grad(loss)(w), state))
+    >>> w, losses = jnp.zeros((3, 2)), []; state = tx.init(w)
+    >>> for _ in range(100):
+    ...     u, state = step(w, state); w = w + u; losses.append(round(float(loss(w)), 4))
+    >>> losses[24::25]   # the loss every 25 steps
+    [1.0443, 0.8135, 0.5535, 0.3112]
     """
-
-    spec = mode_spec(resolve("mode", mode, "kron", option="mode").impl)
-    rounding = resolve("round", round, default="nearest", option="round")
-    if grad_clip_mode not in GRAD_CLIP_MODES:
-        raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {grad_clip_mode!r}")
-    if memory_save_mode not in MEMORY_SAVE_MODES:
-        raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {memory_save_mode!r}")
-    if not whiten_grad and b1 <= 0:
-        raise ValueError("whiten_grad=False whitens the momentum and needs b1 > 0")
-    if isinstance(grad_clip_max_amps, (int, float)):
-        grad_clip_max_amps = (float(grad_clip_max_amps), 10.0)
-    rms_cap, elem_cap = grad_clip_max_amps
-    mu_store = jnp.dtype(mu_dtype or jnp.float32)
-    q_store = jnp.dtype(precond_dtype or jnp.float32)
-    f32 = jnp.float32
-    tiny = jnp.finfo(f32).tiny
-    cfg = UpdateConfig(spec, preconditioner_lr, beta_lipschitz, track_lipschitz, damping,
-                       newton_schulz_iters, axis_name)
-    reduce = lambda op, x: op(x, axis_name) if axis_name else x
-    never_updates = not callable(preconditioner_update_probability) and preconditioner_update_probability <= 0
-
-    def plans(tree):
-        from rollfast_psgd.factors import layout
-
-        leaves = jax.tree.leaves(tree)
-        flags = _scanned_flags(tree, scanned_layers, len(leaves))
-        return [(s, layout(p.shape[1:] if s else p.shape, max_size_triangular, max_skew_triangular,
-                           min_ndim_triangular, memory_save_mode)) for p, s in zip(leaves, flags)]
-
-    def view(x, scanned):
-        shape = x.shape[1:] if scanned else x.shape
-        return x.reshape(x.shape[:1] * scanned + (shape or (1,)))
-
-    def per_layer(fn, scanned):
-        if not scanned:
-            return fn
-        if lax_map_scanned_layers:
-            batch = lax_map_batch_size if lax_map_batch_size > 1 else None
-            return lambda *args: jax.lax.map(lambda a: fn(*a), args, batch_size=batch)
-        return jax.vmap(fn)
-
-    def init(params):
-        from rollfast_psgd.factors import init_factors
-
-        leaves, treedef = jax.tree.flatten(params)
-        scale = 1.0 if preconditioner_init_scale is None else preconditioner_init_scale
-        qs, ls = [], []
-        for p, (scanned, dense) in zip(leaves, plans(params)):
-            lead = p.shape[:1] * scanned
-            shape = p.shape[1:] if scanned else p.shape
-            qs.append(tuple(jnp.broadcast_to(q, lead + q.shape).astype(q_store)
-                            for q in init_factors(shape, dense, scale)))
-            ls.append(tuple(jnp.zeros(lead, f32) for _ in qs[-1]))
-        mu = jax.tree.map(lambda p: jnp.zeros_like(p, mu_store), params) if b1 > 0 else None
-        k = jax.random.PRNGKey(key) if isinstance(key, int) else key
-        return KronState(jnp.zeros([], jnp.int32), mu, treedef.unflatten(qs),
-                         treedef.unflatten(ls) if track_lipschitz else None,
-                         jnp.asarray(preconditioner_init_scale is None), k)
-
-    def lazy_scale(qs, units, unit_plans, flag, segments):
-        """Scale every leaf's factors by the estimate from the gradient ``units`` (see Packing)."""
-        mean4 = lambda g, seg: jnp.mean(g**4) if seg is None else jnp.max(seg.mean(g**4))
-        mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned
-               else mean4(g, seg) for g, (scanned, _), seg in zip(units, unit_plans, segments)
-               if g.size]
-        s = (jnp.max(jnp.stack(mu4 or [jnp.float32(0)])) + damping**4) ** (-1 / 8)
-        s = reduce(jax.lax.pmean, s)
-        return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
-
-    def noise_shapes(signal, leaf_plans):
-        """Shapes of an update's probe noise: per unit its own, then a probe pair per dense factor."""
-        dims = [d for x, (scanned, dense) in zip(signal, leaf_plans)
-                for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
-        return [x.shape for x in signal] + [(2, PROBES, d) for d in dims]
-
-    def update_preconditioner(qs, ls, signal, leaf_plans, segments, draw, balance):
-        from rollfast_psgd.factors import update_factors
-
-        normals = draw()
-        noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
-        new_qs, new_ls, new_ps = [], [], []
-        for i, (x, (scanned, dense), seg) in enumerate(zip(signal, leaf_plans, segments)):
-            v = next(noise)
-            leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
-            if x.size == 0:  # an empty leaf has nothing to fit
-                new_qs.append(qs[i])
-                new_ls.append(None if ls is None else ls[i])
-                new_ps += preconditioners([qs[i]], [(scanned, dense)])
-                continue
-            h = x + (damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
-            step = lambda q, l, h, v, p=leaf_probes, seg=seg: update_factors(q, l, h, v, p, balance, cfg, seg)
-            q, l, p = per_layer(step, scanned)(qs[i], None if ls is None else ls[i],
-                                               view(h.astype(f32), scanned), view(v, scanned))
-            new_qs.append(q)
-            new_ls.append(l)
-            new_ps.append(p)
-        return new_qs, (None if ls is None else new_ls), new_ps
-
-    def preconditioners(qs, leaf_plans):
-        from rollfast_psgd.factors import preconditioner
-
-        return [per_layer(lambda fs: preconditioner(fs, spec.inverse_probe), scanned)(fs)
-                for fs, (scanned, _) in zip(qs, leaf_plans)]
-
-    def precondition(ps, moms, leaf_plans):
-        from rollfast_psgd.factors import apply_all
-
-        return [per_layer(apply_all, scanned)(fs, view(m, scanned)).reshape(m.shape)
-                for fs, m, (scanned, _) in zip(ps, moms, leaf_plans)]
-
-    def clip(us, segments):
-        if grad_clip_mode == "global_rms":
-            total = reduce(jax.lax.psum, sum(jnp.sum(u * u) for u in us))
-            count = reduce(jax.lax.psum, jnp.float32(sum(u.size for u in us)))
-            factor = jnp.minimum(1.0, rms_cap / jnp.maximum(jnp.sqrt(total / count), tiny))
-            return [u * factor for u in us]
-        rms = lambda u, seg: jnp.sqrt(jnp.mean(u * u)) if seg is None else seg.spread(jnp.sqrt(seg.mean(u * u)))
-        return [jnp.clip(u * jnp.minimum(1.0, rms_cap / (rms(u, seg) + tiny)), -elem_cap, elem_cap)
-                for u, seg in zip(us, segments)]
-
-    def write(arrays, dtype, k):
-        if dtype == f32:
-            return arrays
-        return [rounding.cast(a, dtype, kk) for a, kk in zip(arrays, jax.random.split(k, len(arrays)))]
-
-    def update(updates, state, params=None):
-        del params
-        leaves, treedef = jax.tree.flatten(updates)
-        if not leaves:
-            return updates, state
-        leaf_plans = plans(updates)
-        grads = [g.astype(f32) for g in leaves]
-        qs = [[q.astype(f32) for q in fs] for fs in treedef.flatten_up_to(state.qs)]
-        ls = [list(l) for l in treedef.flatten_up_to(state.ls)] if track_lipschitz else None
-        # Units (see Packing): small leaves packed; to fit, leaves of equal shape stacked.
-        shapes = [g.shape for g in grads]
-        pk = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None, stack=False)
-        fit = Packing.of(leaf_plans, shapes, enabled=spec.update_diag is None)
-        signal_shapes = noise_shapes(jax.eval_shape(fit.pack, grads), fit.plans(leaf_plans))
-        # All of a step's randomness from one threefry call (each costs ~50 ms of compile).
-        key_next, words = _draw_words(state.key, 3 + len(signal_shapes) + 1)
-        k_sr, k_srq, (u_update, u_balance), seeds = words[0], words[1], _unit(words[2]), words[3:]
-        finite = all_finite(grads, axis_name)
-
-        skip = ~finite
-        if raw_global_grad_clip is not None:
-            norm = jnp.sqrt(reduce(jax.lax.psum, sum(sum_of_squares(g) for g in grads)))
-            spike = norm > raw_global_grad_clip
-            grads = [jnp.where(spike, g * (raw_global_grad_clip / (norm + tiny)), g) for g in grads]
-        prob = (preconditioner_update_probability(optax.safe_increment(state.count))
-                if callable(preconditioner_update_probability) else preconditioner_update_probability)
-        if raw_global_grad_clip is not None:
-            skip |= spike & ~(permissive_spike_protection & (prob >= 1.0))
-
-        mu = state.mu
-        moms = grads
-        if b1 > 0:
-            count = state.count.astype(f32)
-            beta = jnp.minimum(count / (1 + count), b1)
-            # A skipped step keeps the old momentum; selecting before anything reads the
-            # new one lets XLA write it in place in one pass (no copy of the old state).
-            moms = [jnp.where(skip, m, (1 - beta) * g + beta * m)
-                    for g, m in zip(grads, (m.astype(f32) for m in treedef.flatten_up_to(state.mu)))]
-            mu = treedef.unflatten(write(moms, mu_store, k_sr))
-        if preconditioner_init_scale is None:
-            qs = lazy_scale(qs, pk.pack(grads), pk.plans(leaf_plans), state.needs_scale_init & ~skip,
-                            pk.segments)
-
-        do_update = (u_update < prob) & ~skip
-        signal = grads if whiten_grad else moms
-        draw, balance = _normals(seeds, signal_shapes), u_balance < BALANCE_PROBABILITY
-
-        # Each branch also returns P = QᵀQ of the factors it leaves (a mode may have formed
-        # it already), unless P of the old factors is applied.
-        def fit_factors(qs, ls):  # per leaf in and out; packed and stacked inside the branch
-            new_qs, new_ls, new_ps = update_preconditioner(
-                fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal),
-                fit.plans(leaf_plans), fit.segments, draw, balance)
-            out = (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls),
-                   fit.unpack(new_ps, qs))
-            return out if update_preconditioner_first else out[:2]
-
-        def keep_factors(qs, ls):
-            return (qs, ls, preconditioners(qs, leaf_plans)) if update_preconditioner_first else (qs, ls)
-
-        with jax.default_matmul_precision(precond_update_precision):
-            out = (keep_factors(qs, ls) if never_updates  # a constant probability 0: no branch to compile
-                   else jax.lax.cond(do_update, fit_factors, keep_factors, qs, ls))
-            new_qs, new_ls = out[:2]
-            ps = out[2] if update_preconditioner_first else preconditioners(qs, leaf_plans)
-        with jax.default_matmul_precision(precond_grads_precision):
-            us = clip(precondition(pk.pack(ps), pk.pack(moms), pk.plans(leaf_plans)), pk.segments)
-        us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(pk.unpack(us, leaves), leaves)]
-
-        flat_qs = [q for fs in new_qs for q in fs]
-        stored = iter(write(flat_qs, q_store, k_srq))
-        keep = lambda old, new: jnp.where(skip, old, new)  # scalars; the arrays kept themselves
-        new_state = KronState(
-            keep(state.count, optax.safe_increment(state.count)), mu,
-            treedef.unflatten([tuple(next(stored) for _ in fs) for fs in new_qs]),
-            treedef.unflatten([tuple(l) for l in new_ls]) if track_lipschitz else None,
-            keep(state.needs_scale_init, False), keep(state.key, key_next))
-        return treedef.unflatten(us), new_state
-
-    return optax.GradientTransformation(init, update)
+    options = KronOptions(b1=b1, preconditioner_update_probability=preconditioner_update_probability,
+        max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
+        min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode, whiten_grad=whiten_grad,
+        update_preconditioner_first=update_preconditioner_first, preconditioner_lr=preconditioner_lr,
+        preconditioner_init_scale=preconditioner_init_scale, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
+        precond_update_precision=precond_update_precision, precond_grads_precision=precond_grads_precision,
+        scanned_layers=scanned_layers, lax_map_scanned_layers=lax_map_scanned_layers,
+        lax_map_batch_size=lax_map_batch_size, mode=mode, beta_lipschitz=beta_lipschitz,
+        track_lipschitz=track_lipschitz, damping=damping, grad_clip_max_amps=grad_clip_max_amps,
+        grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
+        permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
+        axis_name=axis_name, round=round, key=key)
+    return kron_transform(options)
 
 
+def kron_transform(options: KronOptions) -> optax.GradientTransformation:
+    """The ``GradientTransformation`` of validated :class:`KronOptions`."""
+    return optax.GradientTransformation(partial(kron_init, options=options),
+                                        partial(kron_update, options=options))
 
+
+# --- layout: where the factors live ---------------------------------------------------
+
+def leaf_plans(tree, options: KronOptions) -> list:
+    """Per leaf ``(scanned, dense)``: whether it is stacked on axis 0 (``scanned_layers``)
+    and its factor :func:`~rollfast_psgd.factors.layout` (of the un-stacked shape).
+
+    >>> leaf_plans({"w": jnp.ones((3, 3)), "b": jnp.ones(3)}, KronOptions())
+    [(False, (False,)), (False, (True, True))]
+    """
+    leaves = jax.tree.leaves(tree)
+    flags = _scanned_flags(tree, options.scanned_layers, len(leaves))
+    return [(s, layout(p.shape[1:] if s else p.shape, options.max_size_triangular, options.max_skew_triangular,
+                       options.min_ndim_triangular, options.memory_save_mode)) for p, s in zip(leaves, flags)]
+
+
+def view(x, scanned):
+    """``x`` as its factors see it: a scalar as ``(1,)`` (per layer when ``scanned``)."""
+    shape = x.shape[1:] if scanned else x.shape
+    return x.reshape(x.shape[:1] * scanned + (shape or (1,)))
+
+
+def per_layer(fn, scanned, options: KronOptions):
+    """``fn`` mapped over the leading layer axis of a scanned unit (``vmap`` or ``lax.map``)."""
+    if not scanned:
+        return fn
+    if options.lax_map_scanned_layers:
+        batch = options.lax_map_batch_size if options.lax_map_batch_size > 1 else None
+        return lambda *args: jax.lax.map(lambda a: fn(*a), args, batch_size=batch)
+    return jax.vmap(fn)
+
+
+def kron_init(params, options: KronOptions) -> KronState:
+    r"""Initial state: zero momentum, factors at :math:`P = s^2 I` (``s = 1`` until the lazy
+    scale when ``preconditioner_init_scale`` is ``None``), Lipschitz estimates 0, count 0.
+
+    >>> kron_init({"w": jnp.ones((2, 2))}, KronOptions(preconditioner_init_scale=4.0)).qs["w"][0]
+    Array([[2., 0.],
+           [0., 2.]], dtype=float32)
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    scale = 1.0 if options.preconditioner_init_scale is None else options.preconditioner_init_scale
+    qs, ls = [], []
+    for p, (scanned, dense) in zip(leaves, leaf_plans(params, options)):
+        lead = p.shape[:1] * scanned
+        shape = p.shape[1:] if scanned else p.shape
+        qs.append(tuple(jnp.broadcast_to(q, lead + q.shape).astype(options.q_store)
+                        for q in init_factors(shape, dense, scale)))
+        ls.append(tuple(jnp.zeros(lead, F32) for _ in qs[-1]))
+    mu = jax.tree.map(lambda p: jnp.zeros_like(p, options.mu_store), params) if options.b1 > 0 else None
+    key = jax.random.PRNGKey(options.key) if isinstance(options.key, int) else options.key
+    return KronState(jnp.zeros([], jnp.int32), mu, treedef.unflatten(qs),
+                     treedef.unflatten(ls) if options.track_lipschitz else None,
+                     jnp.asarray(options.preconditioner_init_scale is None), key)
+
+
+# --- the stages of one step -----------------------------------------------------------
+
+def guard_spike(grads: list, options: KronOptions):
+    r"""``(ok, grads)``: :func:`rollfast.toolbox.spike_guard` with ``raw_global_grad_clip``
+    :math:`c`: :math:`g \leftarrow g \cdot \min(1, c/\lVert g\rVert_2)`; ``ok`` is false for
+    a non-finite gradient, and for a spike when ``permissive_spike_protection`` is False.
+
+    >>> ok, g = guard_spike([jnp.array([3.0, 4.0])], KronOptions(raw_global_grad_clip=1.0))
+    >>> bool(ok), g
+    (True, [Array([0.6, 0.8], dtype=float32)])
+    """
+    ok, factor = spike_guard(grads, options.raw_global_grad_clip, options.permissive_spike_protection,
+                             options.axis_name)
+    return ok, (grads if factor is None else [g * factor for g in grads])
+
+
+def update_probability(count, options: KronOptions):
+    """:math:`p(t)` of this step, ``t = count + 1`` (a constant or the schedule's value)."""
+    p = options.preconditioner_update_probability
+    return p(optax.safe_increment(count)) if callable(p) else p
+
+
+def momentum(grads: list, mus: list, count, skip, b1: float) -> list:
+    r"""Float32 momentum :math:`m_t = (1-\beta_t)g_t + \beta_t m_{t-1}`,
+    :math:`\beta_t = \min(\tfrac{t-1}{t}, b_1)` with ``t = count + 1``; the old
+    :math:`m_{t-1}` where ``skip``.
+
+    >>> momentum([jnp.ones(2)], [jnp.zeros(2)], jnp.int32(1), False, 0.9)
+    [Array([0.5, 0.5], dtype=float32)]
+    """
+    count = count.astype(F32)
+    beta = jnp.minimum(count / (1 + count), b1)
+    # A skipped step keeps the old momentum; selecting before anything reads the new one
+    # lets XLA write it in place in one pass (no copy of the old state).
+    return [jnp.where(skip, m, (1 - beta) * g + beta * m) for g, m in zip(grads, (m.astype(F32) for m in mus))]
+
+
+def lazy_scale(qs, units, unit_plans, flag, segments, *, damping, axis_name=None):
+    r"""Every leaf's factors times :math:`s^{1/k}` where ``flag``, with the scale estimated
+    from the gradient ``units`` (see :class:`~rollfast_psgd.factors.Packing`):
+
+    .. math::
+        s = \bigl(\max_{\text{leaf}} \operatorname{mean}(g^4) + \delta^4\bigr)^{-1/8}
+
+    (for a scanned leaf the max over its layers; averaged over ``axis_name``).
+
+    >>> lazy_scale([[jnp.ones(2)]], [jnp.full(2, 2.0)], [(False, (False,))], True, [None], damping=0.0)
+    [[Array([0.70710677, 0.70710677], dtype=float32)]]
+    """
+    mean4 = lambda g, seg: jnp.mean(g**4) if seg is None else jnp.max(seg.mean(g**4))
+    mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned else mean4(g, seg)
+           for g, (scanned, _), seg in zip(units, unit_plans, segments) if g.size]
+    s = (jnp.max(jnp.stack(mu4 or [jnp.float32(0)])) + damping**4) ** (-1 / 8)
+    if axis_name:
+        s = jax.lax.pmean(s, axis_name)
+    return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
+
+
+def noise_shapes(signal, unit_plans) -> list:
+    """Shapes of an update's probe noise: per unit its own, then a ``(2, 32, d)`` probe
+    pair per dense factor.
+
+    >>> noise_shapes([jnp.ones((3, 2))], [(False, (True, False))])
+    [(3, 2), (2, 32, 3)]
+    """
+    dims = [d for x, (scanned, dense) in zip(signal, unit_plans)
+            for d, is_dense in zip(x.shape[scanned:], dense) if is_dense]
+    return [x.shape for x in signal] + [(2, PROBES, d) for d in dims]
+
+
+def preconditioners(qs, plans, options: KronOptions) -> list:
+    """Per unit, :math:`P_i = Q_i^TQ_i` of each factor (:func:`~rollfast_psgd.linalg.preconditioner`)."""
+    upper = options.spec.inverse_probe
+    return [per_layer(lambda fs: preconditioner(fs, upper), scanned, options)(fs)
+            for fs, (scanned, _) in zip(qs, plans)]
+
+
+def fit_units(qs, ls, signal, plans, segments, normals, balance, options: KronOptions):
+    r"""One preconditioner update of every unit (:func:`~rollfast_psgd.factors.update_factors`)
+    on the probe :math:`h = x + (\delta + \epsilon|x|)\,v`; an empty unit keeps its factors.
+
+    Returns:
+      ``(qs, ls, ps)`` per unit: new factors, Lipschitz estimates (``None`` without
+      ``track_lipschitz``) and :math:`P` of the new factors.
+    """
+    noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
+    new_qs, new_ls, new_ps = [], [], []
+    for i, (x, (scanned, dense), seg) in enumerate(zip(signal, plans, segments)):
+        v = next(noise)
+        leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
+        l_i = None if ls is None else ls[i]
+        if x.size == 0:  # an empty leaf has nothing to fit
+            new_qs.append(qs[i])
+            new_ls.append(l_i)
+            new_ps += preconditioners([qs[i]], [(scanned, dense)], options)
+            continue
+        h = x + (options.damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
+        step = partial(_update_one, probes=leaf_probes, balance=balance, cfg=options.update_config, segments=seg)
+        q, l, p = per_layer(step, scanned, options)(qs[i], l_i, view(h.astype(F32), scanned), view(v, scanned))
+        new_qs.append(q)
+        new_ls.append(l)
+        new_ps.append(p)
+    return new_qs, (None if ls is None else new_ls), new_ps
+
+
+def _update_one(qs, ls, h, v, *, probes, balance, cfg, segments):
+    return update_factors(qs, ls, h, v, probes, balance, cfg, segments)
+
+
+def fit_factors(qs, ls, signal, plans, draws, options: KronOptions):
+    """The factor stage: per leaf ``(qs, ls, ps)`` after an update with probability ``p``
+    (``lax.cond`` on ``draws.do_update``; with a constant ``p = 0`` no update branch is
+    compiled). ``ps`` is ``P`` of the factors that precondition this step: the new ones with
+    ``update_preconditioner_first``, else the old ones. Leaves are fitted as the units of
+    ``Packing.of(..., stack=True)``: small leaves packed, leaves of equal shape stacked.
+    """
+    fit = Packing.of(plans, [x.shape for x in signal], enabled=options.spec.update_diag is None)
+    first = options.update_preconditioner_first
+
+    def update_branch(qs, ls):
+        new_qs, new_ls, new_ps = fit_units(
+            fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal), fit.plans(plans),
+            fit.segments, draws.normals(), draws.balance, options)
+        out = (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls), fit.unpack(new_ps, qs))
+        return out if first else out[:2]
+
+    def keep_branch(qs, ls):
+        return (qs, ls, preconditioners(qs, plans, options)) if first else (qs, ls)
+
+    with jax.default_matmul_precision(options.precond_update_precision):
+        out = (keep_branch(qs, ls) if options.never_updates
+               else jax.lax.cond(draws.do_update, update_branch, keep_branch, qs, ls))
+        return out if first else (*out, preconditioners(qs, plans, options))
+
+
+def apply_preconditioner(ps, moms, plans, options: KronOptions) -> list:
+    r"""Per unit :math:`u = P m`, :math:`P m = (P_1 \otimes\dots\otimes P_k)\,m` axis by axis."""
+    with jax.default_matmul_precision(options.precond_grads_precision):
+        return [per_layer(apply_all, scanned, options)(fs, view(m, scanned)).reshape(m.shape)
+                for fs, m, (scanned, _) in zip(ps, moms, plans)]
+
+
+def clip_updates(us: list, options: KronOptions) -> list:
+    r""":func:`rollfast.toolbox.update_clipper` of ``grad_clip_mode`` with caps
+    ``grad_clip_max_amps`` :math:`(a, e)`: per tensor
+    :math:`u \leftarrow \operatorname{clip}(u \min(1, a/\operatorname{rms}(u)), -e, e)`, or
+    :math:`u \leftarrow u \min(1, a/\operatorname{rms}_{\text{all}})`.
+
+    >>> clip_updates([jnp.array([3.0, 4.0])], KronOptions(grad_clip_max_amps=(1.0, 1.5)))
+    [Array([0.84852815, 1.1313709 ], dtype=float32)]
+    """
+    return options.clip(us, 1.0)
+
+
+def store(arrays: list, dtype, key, rounding) -> list:
+    """Arrays written in their storage ``dtype`` with the ``round`` rule (float32: as they are)."""
+    if dtype == F32:
+        return arrays
+    return [rounding.cast(a, dtype, k) for a, k in zip(arrays, jax.random.split(key, len(arrays)))]
+
+
+class StepDraws(NamedTuple):
+    """All of a step's randomness, from one ``jax.random.bits`` call (:func:`draw_step`)."""
+
+    next_key: object
+    mu_key: object
+    q_key: object
+    do_update: object
+    balance: object
+    normals: Callable
+
+
+def draw_step(key, shapes, prob, skip) -> StepDraws:
+    """The step's draws: the next key, keys of the stochastic rounding of ``mu`` and ``qs``,
+    the update coin ``u < p`` (false when ``skip``), the balancing coin ``u < 0.01``, and
+    the deferred probe normals of ``shapes`` (:func:`_normals`)."""
+    next_key, words = _draw_words(key, 3 + len(shapes) + 1)
+    u_update, u_balance = _unit(words[2])
+    return StepDraws(next_key, words[0], words[1], (u_update < prob) & ~skip,
+                     u_balance < BALANCE_PROBABILITY, _normals(words[3:], shapes))
+
+
+def kron_update(updates, state: KronState, params=None, *, options: KronOptions):
+    """One step: the stages in order (module docstring); ``params`` is unused."""
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    if not leaves:
+        return updates, state
+    plans = leaf_plans(updates, options)
+    ok, grads = guard_spike([g.astype(F32) for g in leaves], options)
+    skip = ~ok
+    moms = grads
+    if options.b1 > 0:
+        moms = momentum(grads, treedef.flatten_up_to(state.mu), state.count, skip, options.b1)
+    qs = [[q.astype(F32) for q in fs] for fs in treedef.flatten_up_to(state.qs)]
+    ls = [list(l) for l in treedef.flatten_up_to(state.ls)] if options.track_lipschitz else None
+    pk = Packing.of(plans, [g.shape for g in grads], enabled=options.spec.update_diag is None, stack=False)
+    if options.preconditioner_init_scale is None:
+        qs = lazy_scale(qs, pk.pack(grads), pk.plans(plans), state.needs_scale_init & ~skip, pk.segments,
+                        damping=options.damping, axis_name=options.axis_name)
+    signal = grads if options.whiten_grad else moms
+    draws = draw_step(state.key, _fit_noise_shapes(signal, plans, options),
+                      update_probability(state.count, options), skip)
+    new_qs, new_ls, ps = fit_factors(qs, ls, signal, plans, draws, options)
+    us = pk.unpack(apply_preconditioner(pk.pack(ps), pk.pack(moms), pk.plans(plans), options), leaves)
+    us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(clip_updates(us, options), leaves)]
+    return treedef.unflatten(us), next_state(state, treedef, moms=moms, qs=new_qs, ls=new_ls, skip=skip,
+                                             draws=draws, options=options)
+
+
+def _fit_noise_shapes(signal, plans, options):
+    fit = Packing.of(plans, [x.shape for x in signal], enabled=options.spec.update_diag is None)
+    return noise_shapes(jax.eval_shape(fit.pack, signal), fit.plans(plans))
+
+
+def next_state(state: KronState, treedef, *, moms, qs, ls, skip, draws: StepDraws,
+               options: KronOptions) -> KronState:
+    """The new state in its storage dtypes; count, key and the lazy-scale flag stay where
+    ``skip`` (momentum, factors and estimates kept themselves in their stages)."""
+    mu = treedef.unflatten(store(moms, options.mu_store, draws.mu_key, options.rounding)) if options.b1 > 0 \
+        else state.mu
+    stored = iter(store([q for fs in qs for q in fs], options.q_store, draws.q_key, options.rounding))
+    keep = lambda old, new: jnp.where(skip, old, new)
+    return KronState(
+        keep(state.count, optax.safe_increment(state.count)), mu,
+        treedef.unflatten([tuple(next(stored) for _ in fs) for fs in qs]),
+        treedef.unflatten([tuple(l) for l in ls]) if options.track_lipschitz else None,
+        keep(state.needs_scale_init, False), keep(state.key, draws.next_key))
+
+
+# --- random numbers -------------------------------------------------------------------
 
 def _normals(seeds, shapes):
     """Standard normal arrays of the given shapes from ``len(shapes) + 1`` pairs of uint32

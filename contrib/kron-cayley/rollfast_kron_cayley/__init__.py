@@ -24,6 +24,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 
 import rollfast
+from rollfast_psgd.linalg import sym, whitening_error
 
 
 @rollfast.hookimpl
@@ -49,8 +50,6 @@ def cayley_dense(q, terms):
     Array([[0.333333, 0.      ],
            [0.      , 0.333333]], dtype=float32)
     """
-    from rollfast_psgd.linalg import sym, whitening_error
-
     half = 0.5 * terms.eta * whitening_error(terms)
     shifted = jnp.eye(q.shape[0], dtype=q.dtype) + half
     # (I + H)⁻¹(I − H) = 2(I + H)⁻¹ − I and (I + H) is SPD (module docstring), so

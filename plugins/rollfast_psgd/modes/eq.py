@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 import rollfast
+from rollfast_psgd.linalg import along_upper
 
 
 @rollfast.hookimpl
@@ -35,6 +36,4 @@ def eq_dense(q, terms):
     Array([[ 0.5, -0.5],
            [ 0. ,  0.5]], dtype=float32)
     """
-    from rollfast_psgd.factors import along_upper
-
     return q - terms.eta * along_upper(jnp.triu(terms.t1 - terms.t2), q, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd.linalg import expm_taylor, sym, whitening_error
 
 
 @rollfast.hookimpl
@@ -32,6 +33,4 @@ def exp_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    from rollfast_psgd.linalg import expm_taylor, sym, whitening_error
-
     return sym(q @ expm_taylor(-terms.eta * whitening_error(terms), terms.eta * terms.bound))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 import rollfast
+from rollfast_psgd.linalg import sym, whitening_error
 
 
 @rollfast.hookimpl
@@ -31,8 +32,6 @@ def hyper_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    from rollfast_psgd.linalg import sym, whitening_error
-
     cap = 0.9 / (terms.bound - terms.t2 + jnp.finfo(jnp.float32).tiny)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
     return sym(q @ (eye - jnp.minimum(terms.eta, cap) * whitening_error(terms)))

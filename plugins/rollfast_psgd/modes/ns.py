@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd.linalg import left_step, ns_spd
 
 
 @rollfast.hookimpl
@@ -33,6 +34,4 @@ def ns_dense(q, terms):
            [0. , 0.5]], dtype=float32), Array([[0.25, 0.  ],
            [0.  , 0.25]], dtype=float32))
     """
-    from rollfast_psgd.linalg import left_step, ns_spd
-
     return ns_spd(left_step(q, terms), terms.probe, terms.newton_schulz_iters)

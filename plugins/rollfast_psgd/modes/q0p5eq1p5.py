@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd.linalg import left_step, procrustes
 
 
 @rollfast.hookimpl
@@ -32,6 +33,4 @@ def q0p5eq1p5_dense(q, terms):
     Array([[0.5, 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    from rollfast_psgd.linalg import left_step, procrustes
-
     return procrustes(left_step(q, terms), terms.probe)

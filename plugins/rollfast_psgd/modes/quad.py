@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd.linalg import left_step, sym
 
 
 @rollfast.hookimpl
@@ -28,6 +29,4 @@ def quad_dense(q, terms):
     Array([[0.25, 0.  ],
            [0.  , 0.25]], dtype=float32)
     """
-    from rollfast_psgd.linalg import left_step, sym
-
     return sym(left_step(left_step(q, terms, 0.5).T, terms, 0.5).T)

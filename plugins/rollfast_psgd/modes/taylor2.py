@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 import rollfast
+from rollfast_psgd.linalg import sym, whitening_error
 
 
 @rollfast.hookimpl
@@ -23,7 +24,7 @@ def taylor2_dense(q, terms):
 
     The statistic is :math:`X = Ph` as for EXP (of which this is the truncation), so the
     fixed point is Li's :math:`P E[hh^T] P = I`. (rollfast 0.2 fitted :math:`X = Qh`, whose
-    fixed point :math:`P \approx E[hh^T]^{-1}` amplifies low-variance noise; ALGORITHMS §2.13.)
+    fixed point :math:`P \approx E[hh^T]^{-1}` amplifies low-variance noise; see docs/kron.md.)
 
     Args:
       q: the ``(d, d)`` factor.
@@ -35,8 +36,6 @@ def taylor2_dense(q, terms):
     Array([[0.78125, 0.     ],
            [0.     , 0.78125]], dtype=float32)
     """
-    from rollfast_psgd.linalg import sym, whitening_error
-
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
     cap = 0.5 / (terms.bound - terms.t2 + jnp.finfo(jnp.float32).tiny)
     h = jnp.minimum(terms.eta, cap) * whitening_error(terms)
