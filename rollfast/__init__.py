@@ -24,6 +24,9 @@ __all__ = ["get", "available", "hookimpl", "plugins", "registry", "Contribution"
 def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
+    if name == "state_shardings":  # imports jax, so only on first use
+        from rollfast.sharding import state_shardings
+        return state_shardings
     reg = registry()
     try:
         return reg.lookup("export", name).impl["object"]

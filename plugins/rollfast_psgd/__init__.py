@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import optax
 
 import rollfast
+from rollfast.sharding import register_state_sharding
+from rollfast_psgd.blocking import TileStack
 from rollfast_psgd.schedule import precond_update_prob_schedule
 from rollfast_psgd.transform import KronOptions, KronState, scale_by_kron
 
@@ -72,6 +74,14 @@ def precondition(register):
     register.export("precond_update_prob_schedule", precond_update_prob_schedule)
 
 
+def _tile_stack_shardings(stack, ctx):
+    """The tile stack (factors ``(N, bs, bs)``, estimates ``(N,)``) is sharded on axis 0."""
+    return TileStack(*(ctx.stacked(x, "kron's tile_stack_multiple") for x in stack))
+
+
+register_state_sharding(TileStack, _tile_stack_shardings)
+
+
 def _first_moment(state):
     mu = state[0].mu
     return None if mu is None else jax.tree.map(lambda m: m.astype(jnp.float32), mu)
@@ -85,7 +95,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          scanned_layers=None, lax_map_scanned_layers=False, lax_map_batch_size=8, mode="Q0.5EQ1.5",
          beta_lipschitz=0.9, track_lipschitz=True, damping=1e-9, grad_clip_max_amps=(2.0, 10.0),
          grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None, permissive_spike_protection=True,
-         newton_schulz_iters=5, axis_name=None, round="nearest", key=42):
+         newton_schulz_iters=5, axis_name=None, round="nearest", key=42, block_size=None,
+         max_size_dense=16384, tile_stack_multiple=1):
     r"""PSGD Kron: momentum preconditioned by a Kronecker-factored :math:`P = Q^TQ` fitted online.
 
     .. math::
@@ -127,6 +138,13 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
+      block_size: ``None`` (no blocking) or ``bs``: a matrix view with a side ``> bs`` gets
+        its own factors per ``bs × bs`` tile (both sides ``≤ max_size_dense``), per strip
+        (one side longer: dense on the cut side, diagonal on the long one) or diagonal
+        ones (both longer); all tiles of the tree are fitted as one stack (``docs/scale.md``).
+      max_size_dense: longest side that is tiled (with ``block_size``).
+      tile_stack_multiple: pad the tile stack to a multiple of this (the size of the mesh
+        axis that shards it, see :func:`rollfast.state_shardings`).
 
     Returns:
       ``optax.chain(scale_by_kron(...), add_decayed_weights, scale_by_learning_rate)``.
@@ -154,7 +172,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
         track_lipschitz=track_lipschitz, damping=damping, grad_clip_max_amps=grad_clip_max_amps,
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
-        axis_name=axis_name, round=round, key=key)
+        axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
+        tile_stack_multiple=tile_stack_multiple)
     return optax.chain(scale, optax.add_decayed_weights(weight_decay, weight_decay_mask),
                        optax.scale_by_learning_rate(learning_rate))
 
