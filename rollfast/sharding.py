@@ -1,10 +1,11 @@
 """Where an optimizer's state lives on a device mesh: :func:`state_shardings`.
 
-The rule is generic: a part of the state with the structure and shapes of the
-parameters (a momentum, a second moment, a slow copy of the weights) is sharded like the
-parameters; every other leaf is replicated. A family whose state has other large arrays
-registers a rule for the NamedTuple type that holds them (:func:`register_state_sharding`),
-e.g. a stack of preconditioner tiles sharded along its leading axis.
+The rule is generic: a state leaf whose key path ends with a parameter's key path and
+whose shape is that parameter's (a momentum ``….mu['w']``, a second moment, a slow copy of
+the weights) is sharded like that parameter; every other leaf is replicated. A family
+whose state has other large arrays registers a rule for the NamedTuple type that holds
+them (:func:`register_state_sharding`), e.g. a stack of preconditioner tiles sharded
+along its leading axis.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def register_state_sharding(state_type: type, rule: Callable) -> None:
 def state_shardings(optimizer, params, param_shardings, mesh: Mesh | None = None, stack_axis: str | None = None):
     """The ``NamedSharding`` tree of ``optimizer``'s state for ``params`` on a mesh.
 
-    State parts shaped like the parameters (same tree, same shapes) follow
-    ``param_shardings``; nodes of a type registered with :func:`register_state_sharding`
+    A state leaf whose key path ends with a parameter's path and has its shape follows
+    that parameter's sharding; nodes of a type registered with :func:`register_state_sharding`
     use that rule (kron's tile stack: axis 0 over ``stack_axis``); everything else is
     replicated. The result can be passed as ``out_shardings`` of a jitted ``init`` and
     ``update``, or to a checkpointer to restore a state onto the mesh.
@@ -78,9 +79,11 @@ def state_shardings(optimizer, params, param_shardings, mesh: Mesh | None = None
     mesh = mesh or _mesh_of(param_shardings)
     named = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, s),
                          param_shardings, is_leaf=lambda s: isinstance(s, (NamedSharding, PartitionSpec)))
+    shapes = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_path = {tuple(path): (tuple(p.shape), s) for (path, p), s in
+               zip(shapes, jax.tree.leaves(named, is_leaf=lambda s: isinstance(s, NamedSharding)))}
     state = jax.eval_shape(optimizer.init, params)
-    like = _shape_tree(params)
-    return _assign(state, like, named, ShardingContext(mesh, stack_axis))
+    return _assign(state, (), by_path, ShardingContext(mesh, stack_axis))
 
 
 def _mesh_of(param_shardings) -> Mesh:
@@ -90,22 +93,24 @@ def _mesh_of(param_shardings) -> Mesh:
     raise ValueError("state_shardings needs mesh= when param_shardings holds no NamedSharding")
 
 
-def _shape_tree(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, [tuple(x.shape) for x in leaves]
-
-
-def _assign(node, like, named, ctx):
-    """The sharding tree of one state node (recursively)."""
+def _assign(node, path, by_path, ctx):
+    """The sharding tree of the state node at ``path`` (recursively)."""
     if node is None:
         return None
     rule = _RULES.get(type(node))
     if rule is not None:
         return rule(node, ctx)
-    leaves, treedef = jax.tree.flatten(node)
-    if leaves and (treedef, [tuple(x.shape) for x in leaves]) == like:
-        return named
     if hasattr(node, "shape"):
-        return ctx.replicated(node)
-    children, outer = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
-    return outer.unflatten([_assign(c, like, named, ctx) for c in children])
+        return _follow(node, path, by_path) or ctx.replicated(node)
+    children, outer = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return outer.unflatten([_assign(c, path + tuple(p), by_path, ctx) for p, c in children])
+
+
+def _follow(leaf, path, by_path):
+    """The sharding of the parameter whose key path ends ``path`` and whose shape is the
+    leaf's (a momentum ``….mu['w']`` follows ``params['w']``), or ``None``."""
+    for start in range(len(path) + 1):
+        shape, sharding = by_path.get(path[start:], (None, None))
+        if shape == tuple(leaf.shape):
+            return sharding
+    return None

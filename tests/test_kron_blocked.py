@@ -168,3 +168,36 @@ def test_blocked_kron_converges_like_kron_on_block_diagonal_curvature():
     adam = min(relative_error(optax.adam(lr), loss, w_star) for lr in (0.1, 0.3, 1.0, 3.0))
     assert blocked <= 2 * kron, (blocked, kron)
     assert 10 * blocked <= adam, (blocked, adam)
+
+
+def test_normalize_grads_and_adam_lr_style():
+    """``normalize_grads`` makes the step invariant to the gradient's scale; ``lr_style="adam"``
+    caps each leaf's update RMS at 1.1/5 = 0.22."""
+    g = {"w": jax.random.normal(jax.random.PRNGKey(5), (40, 30)) * jnp.linspace(0.1, 5.0, 30)}
+    outs = []
+    for scale in (1.0, 1e3):
+        tx = scale_by_kron(normalize_grads=True, lr_style="adam", preconditioner_init_scale=1.0,
+                           preconditioner_update_probability=1.0)
+        state = tx.init(g)
+        for _ in range(3):
+            u, state = jax.jit(tx.update)(jax.tree.map(lambda x: x * scale, g), state)
+        outs.append(u["w"])
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-4, atol=1e-7)
+    assert float(jnp.sqrt(jnp.mean(outs[0] ** 2))) <= 0.22 + 1e-6
+    with pytest.raises(ValueError, match="lr_style must be one of \\(None, 'adam'\\), got 'sgd'"):
+        scale_by_kron(lr_style="sgd")
+
+
+def test_scanned_layers_join_the_stack_like_separate_leaves():
+    """A scanned ``(3, 80, 50)`` leaf at block 32 and its three layers as separate leaves
+    give the same tile stack (layer by layer), hence the same run."""
+    g = jax.random.normal(jax.random.PRNGKey(6), (3, 80, 50))
+    kwargs = dict(block_size=32, preconditioner_update_probability=1.0, grad_clip_max_amps=(1e9, 1e9))
+    scanned = scale_by_kron(scanned_layers={"w": True}, **kwargs)
+    separate = scale_by_kron(**kwargs)
+    s1, s2 = scanned.init({"w": g}), separate.init([x for x in g])
+    for k in range(2):
+        u1, s1 = jax.jit(scanned.update)({"w": g * (1 + k)}, s1)
+        u2, s2 = jax.jit(separate.update)([x * (1 + k) for x in g], s2)
+    np.testing.assert_allclose(np.asarray(u1["w"]), np.asarray(jnp.stack(u2)), rtol=1e-5, atol=1e-6)
+    assert s1.qs.stack.left.shape == (3 * 3 * 2, 32, 32)

@@ -96,7 +96,7 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          beta_lipschitz=0.9, track_lipschitz=True, damping=1e-9, grad_clip_max_amps=(2.0, 10.0),
          grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None, permissive_spike_protection=True,
          newton_schulz_iters=5, axis_name=None, round="nearest", key=42, block_size=None,
-         max_size_dense=16384, tile_stack_multiple=1):
+         max_size_dense=16384, tile_stack_multiple=1, normalize_grads=False, lr_style=None):
     r"""PSGD Kron: momentum preconditioned by a Kronecker-factored :math:`P = Q^TQ` fitted online.
 
     .. math::
@@ -138,13 +138,11 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
-      block_size: ``None`` (no blocking) or ``bs``: a matrix view with a side ``> bs`` gets
-        its own factors per ``bs × bs`` tile (both sides ``≤ max_size_dense``), per strip
-        (one side longer: dense on the cut side, diagonal on the long one) or diagonal
-        ones (both longer); all tiles of the tree are fitted as one stack (``docs/scale.md``).
-      max_size_dense: longest side that is tiled (with ``block_size``).
-      tile_stack_multiple: pad the tile stack to a multiple of this (the size of the mesh
-        axis that shards it, see :func:`rollfast.state_shardings`).
+      block_size: ``None``, or the side of blocked factors' tiles and strips (``docs/scale.md``).
+      max_size_dense: with ``block_size``: longest side that is tiled (longer: strips, diagonals).
+      tile_stack_multiple: pad the tile stack to a multiple of this (the sharding mesh axis' size).
+      normalize_grads: divide each leaf's gradient by its Frobenius norm (+1e-6) first.
+      lr_style: ``None`` or ``"adam"`` (update RMS capped at 1.1, then divided by 5).
 
     Returns:
       ``optax.chain(scale_by_kron(...), add_decayed_weights, scale_by_learning_rate)``.
@@ -173,7 +171,7 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
         axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
-        tile_stack_multiple=tile_stack_multiple)
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style)
     return optax.chain(scale, optax.add_decayed_weights(weight_decay, weight_decay_mask),
                        optax.scale_by_learning_rate(learning_rate))
 

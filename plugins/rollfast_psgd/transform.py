@@ -53,6 +53,14 @@ def _check_memory_save_mode(instance, attribute, value):
         raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {value!r}")
 
 
+LR_STYLES = (None, "adam")
+
+
+def _check_lr_style(instance, attribute, value):
+    if value not in LR_STYLES:
+        raise ValueError(f"lr_style must be one of {LR_STYLES}, got {value!r}")
+
+
 def _check_size(instance, attribute, value):
     if value is None and attribute.name == "block_size":
         return
@@ -107,6 +115,8 @@ class KronOptions:
     block_size: int | None = attrs.field(default=None, validator=_check_size)
     max_size_dense: int = attrs.field(default=16384, validator=_check_size)
     tile_stack_multiple: int = attrs.field(default=1, validator=_check_size)
+    normalize_grads: bool = False
+    lr_style: str | None = attrs.field(default=None, validator=_check_lr_style)
     spec: ModeSpec = attrs.field(init=False)
     rounding: object = attrs.field(init=False)
     clip: Callable = attrs.field(init=False)
@@ -157,7 +167,7 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
                   grad_clip_max_amps=(2.0, 10.0), grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None,
                   permissive_spike_protection=True, newton_schulz_iters=5, axis_name=None, round="nearest",
                   key=42, block_size=None, max_size_dense=16384,
-                  tile_stack_multiple=1) -> optax.GradientTransformation:
+                  tile_stack_multiple=1, normalize_grads=False, lr_style=None) -> optax.GradientTransformation:
     r"""Precondition the momentum with a Kronecker-factored PSGD preconditioner.
 
     .. math::
@@ -197,13 +207,11 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
-      block_size: ``None`` (no blocking) or ``bs``: a matrix view with a side ``> bs`` gets
-        its own factors per ``bs × bs`` tile (both sides ``≤ max_size_dense``), per strip
-        (one side longer: dense on the cut side, diagonal on the long one) or diagonal
-        ones (both longer); all tiles of the tree are fitted as one stack (``docs/scale.md``).
-      max_size_dense: longest side that is tiled (with ``block_size``).
-      tile_stack_multiple: pad the tile stack to a multiple of this (the size of the mesh
-        axis that shards it, see :func:`rollfast.state_shardings`).
+      block_size: ``None``, or the side of blocked factors' tiles and strips (``docs/scale.md``).
+      max_size_dense: with ``block_size``: longest side that is tiled (longer: strips, diagonals).
+      tile_stack_multiple: pad the tile stack to a multiple of this (the sharding mesh axis' size).
+      normalize_grads: divide each leaf's gradient by its Frobenius norm (+1e-6) first.
+      lr_style: ``None`` or ``"adam"`` (update RMS capped at 1.1, then divided by 5).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`KronState`.
@@ -234,7 +242,7 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
         axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
-        tile_stack_multiple=tile_stack_multiple)
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style)
     return kron_transform(options)
 
 
@@ -490,6 +498,27 @@ def clip_updates(us: list, options: KronOptions) -> list:
     return options.clip(us, 1.0)
 
 
+def normalized(grads: list) -> list:
+    r"""``normalize_grads``: each leaf :math:`g \leftarrow g / (\lVert g\rVert_F + 10^{-6})`.
+
+    >>> normalized([jnp.array([3.0, 4.0])])
+    [Array([0.59999985, 0.7999998 ], dtype=float32)]
+    """
+    return [g / (jnp.linalg.norm(g.reshape(-1)) + 1e-6) for g in grads]
+
+
+def adam_matched(us: list) -> list:
+    r"""``lr_style="adam"``: per leaf
+    :math:`u \leftarrow u \cdot \min(1, 1.1/\operatorname{rms}(u)) / 5`, so a whitened
+    update (RMS ≈ 1) has RMS ≈ 0.2 — about Adam's — and Adam learning rates transfer.
+
+    >>> [round(float(x), 4) for x in adam_matched([jnp.full(4, 2.0)])[0]]
+    [0.22, 0.22, 0.22, 0.22]
+    """
+    rms = lambda u: jnp.sqrt(jnp.mean(jnp.square(u))) if u.size else jnp.float32(0)
+    return [u * jnp.minimum(1.0, 1.1 / jnp.maximum(rms(u), 1e-30)) / 5 for u in us]
+
+
 def store(arrays: list, dtype, key, rounding) -> list:
     """Arrays written in their storage ``dtype`` with the ``round`` rule (float32: as they are)."""
     if dtype == F32:
@@ -529,6 +558,8 @@ def kron_update(updates, state: KronState, params=None, *, options: KronOptions)
     tiling = work_layout(updates, plans, options)
     ok, grads = guard_spike([g.astype(F32) for g in leaves], options)
     skip = ~ok
+    if options.normalize_grads:
+        grads = normalized(grads)
     moms = grads
     if options.b1 > 0:
         moms = momentum(grads, treedef.flatten_up_to(state.mu), state.count, skip, options.b1)
@@ -547,7 +578,10 @@ def kron_update(updates, state: KronState, params=None, *, options: KronOptions)
         tiling.plans, [m.shape for m in work], enabled=options.spec.update_diag is None, stack=False)
     us = tiling.join(pw.unpack(apply_preconditioner(pw.pack(ps), pw.pack(work), pw.plans(tiling.plans), options),
                                work), leaves)
-    us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(clip_updates(us, options), leaves)]
+    us = clip_updates(us, options)
+    if options.lr_style == "adam":
+        us = adam_matched(us)
+    us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(us, leaves)]
     return treedef.unflatten(us), next_state(state, treedef, tiling=tiling, moms=moms, qs=new_qs, ls=new_ls, skip=skip,
                                              draws=draws, options=options)
 
