@@ -201,3 +201,17 @@ def test_scanned_layers_join_the_stack_like_separate_leaves():
         u2, s2 = jax.jit(separate.update)([x * (1 + k) for x in g], s2)
     np.testing.assert_allclose(np.asarray(u1["w"]), np.asarray(jnp.stack(u2)), rtol=1e-5, atol=1e-6)
     assert s1.qs.stack.left.shape == (3 * 3 * 2, 32, 32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_tree_trains_under_jit(dtype):
+    """Scalar, vector, 6×5 matrix, 3×3×2×4 kernel (viewed as 9×8), None, int and empty
+    leaves at block 4, bf16 factors and momentum: the loss falls and nothing is NaN."""
+    from rollfast.testing import mixed_tree, quadratic_loss, run
+    params = dict(mixed_tree(dtype), empty=jnp.zeros((0, 9), dtype))
+    opt = rollfast.get("kron", learning_rate=0.05, block_size=4, preconditioner_update_probability=1.0,
+                       mu_dtype=jnp.bfloat16, precond_dtype=jnp.bfloat16)
+    _, state, losses = run(opt, params, quadratic_loss(dict(mixed_tree(dtype, seed=1), empty=params["empty"])), 40)
+    assert losses[-1] < 0.2 * losses[0]
+    assert state[0].qs.stack.left.dtype == jnp.bfloat16
+    assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in jax.tree.leaves(state[0].qs))

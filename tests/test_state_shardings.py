@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import rollfast
+from rollfast_psgd import KronState
 from rollfast_psgd.blocking import TileStack
 
 OPTIMIZERS = {
@@ -81,8 +82,10 @@ def test_kron_tile_stack_is_sharded_over_the_named_axis():
     sh = rollfast.state_shardings(opt, params, specs, mesh=mesh(), stack_axis="fsdp")
     stacks = [n for n in jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, TileStack))
               if isinstance(n, TileStack)]
-    assert [s.left.spec for s in stacks] == [P("fsdp", None, None)]
-    assert sh[0].mu["w"].spec == P("dp", "fsdp") and sh[0].count.spec == P()
+    assert [s.left.spec for s in stacks] == [P("fsdp", None, None), P("fsdp")]  # factors, Lipschitz
+    kron_state = [n for n in jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, KronState))
+                  if isinstance(n, KronState)][0]
+    assert kron_state.mu["w"].spec == P("dp", "fsdp") and kron_state.count.spec == P()
 
 
 def test_unpadded_stack_is_refused_with_the_option_to_set():

@@ -56,7 +56,7 @@ def matrix_view(shape) -> tuple:
 
     Rank < 2 stays; a shape with one side > 1 is the vector of that side; rank 2 stays;
     rank ≥ 3 is split into ``(prod(prefix), prod(suffix))`` at the split that minimises
-    ``max/min`` (the first such split).
+    ``max/min`` (the first such split). An empty matrix stays whole.
 
     >>> matrix_view((4, 8, 2)), matrix_view((1, 7, 1)), matrix_view(())
     ((4, 16), (7,), ())
@@ -78,7 +78,7 @@ def piece_rule(view, block_size: int, max_size_dense: int) -> str:
     >>> [piece_rule(v, 128, 1000) for v in [(64,), (100, 120), (300, 700), (500, 4096), (2000, 3000)]]
     ['whole', 'whole', 'tiles', 'rows', 'diag']
     """
-    if len(view) < 2 or max(view) <= block_size:
+    if len(view) < 2 or max(view) <= block_size or min(view) == 0:
         return "whole"
     m, n = view
     if m <= max_size_dense and n <= max_size_dense:
