@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import rollfast
-from rollfast_psgd import scale_by_kron
+from rollfast_psgd import KronState, scale_by_kron
 from rollfast_psgd.blocking import Tiling, matrix_view, piece_rule
 from rollfast_psgd.factors import UpdateConfig, mode_spec, update_factors
 
@@ -211,7 +211,10 @@ def test_mixed_tree_trains_under_jit(dtype):
     params = dict(mixed_tree(dtype), empty=jnp.zeros((0, 9), dtype))
     opt = rollfast.get("kron", learning_rate=0.05, block_size=4, preconditioner_update_probability=1.0,
                        mu_dtype=jnp.bfloat16, precond_dtype=jnp.bfloat16)
-    _, state, losses = run(opt, params, quadratic_loss(dict(mixed_tree(dtype, seed=1), empty=params["empty"])), 40)
+    target = dict(mixed_tree(dtype, seed=1), empty=params["empty"])
+    _, state, losses = run(opt, params, quadratic_loss(target), 40)
     assert losses[-1] < 0.2 * losses[0]
-    assert state[0].qs.stack.left.dtype == jnp.bfloat16
-    assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in jax.tree.leaves(state[0].qs))
+    kron = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, KronState))
+            if isinstance(s, KronState)][0]
+    assert kron.qs.stack.left.dtype == jnp.bfloat16
+    assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in jax.tree.leaves(kron.qs))

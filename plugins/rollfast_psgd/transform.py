@@ -2,7 +2,8 @@
 
 Per step (:func:`kron_update`): :func:`guard_spike` → :func:`momentum` → :func:`lazy_scale`
 → (with probability ``p``) :func:`fit_factors` → :func:`apply_preconditioner` →
-:func:`clip_updates`; where the factors live is :func:`leaf_plans` (the layout stage),
+:func:`clip_updates`; where the factors live is :func:`leaf_plans` (the layout stage) and,
+with ``block_size``, :func:`work_layout` (tiles and strips, ``rollfast_psgd.blocking``);
 the state is written by :func:`next_state`. A step whose gradient is not finite, or a
 spike with ``permissive_spike_protection=False``, returns zero updates and leaves the
 state exactly as it was. The equations are in ``docs/kron.md``.
