@@ -19,10 +19,10 @@ from rollfast.registry import Contribution, hookimpl, registry
 __version__ = "0.3.0"
 
 __all__ = ["get", "available", "hookimpl", "plugins", "registry", "Contribution",
-           "UnknownNameError", "RollfastPluginWarning", "skipped_steps", "__version__"]
+           "UnknownNameError", "RollfastPluginWarning", "skipped_steps", "state_shardings", "__version__"]
 
 # Core names that import jax, resolved on first access: name -> module.
-_LAZY = {"skipped_steps": "rollfast.policy"}
+_LAZY = {"state_shardings": "rollfast.sharding", "skipped_steps": "rollfast.policy"}
 
 
 def __getattr__(name: str):

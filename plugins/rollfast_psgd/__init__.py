@@ -54,7 +54,9 @@ import optax
 
 import rollfast
 from rollfast.constraints import (BETA, KEY, LEARNING_RATE, NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY,
-                                  Choice, Interval, Schedule)
+                                  Choice, Interval, Nullable, Schedule)
+from rollfast.sharding import register_state_sharding
+from rollfast_psgd.blocking import TileStack
 from rollfast_psgd.schedule import precond_update_prob_schedule
 from rollfast_psgd.transform import KronOptions, KronState, scale_by_kron
 
@@ -75,6 +77,8 @@ CONSTRAINTS = {
     "min_ndim_triangular": Interval(0, None, integer=True), "beta_lipschitz": BETA,
     "damping": NONNEGATIVE, "grad_clip_mode": Choice("per_tensor_rms", "global_rms"),
     "newton_schulz_iters": POSITIVE_INT, "lax_map_batch_size": POSITIVE_INT, "key": KEY,
+    "block_size": Nullable(POSITIVE_INT), "max_size_dense": POSITIVE_INT,
+    "tile_stack_multiple": POSITIVE_INT, "lr_style": Nullable(Choice("adam")),
 }
 
 
@@ -84,6 +88,14 @@ def precondition(register):
                     constraints=CONSTRAINTS)
     register.export("scale_by_kron", scale_by_kron)
     register.export("precond_update_prob_schedule", precond_update_prob_schedule)
+
+
+def _tile_stack_shardings(stack, ctx):
+    """The tile stack (factors ``(N, bs, bs)``, estimates ``(N,)``) is sharded on axis 0."""
+    return TileStack(*(ctx.stacked(x, "kron's tile_stack_multiple") for x in stack))
+
+
+register_state_sharding(TileStack, _tile_stack_shardings)
 
 
 def _first_moment(state):
@@ -99,7 +111,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          scanned_layers=None, lax_map_scanned_layers=False, lax_map_batch_size=8, mode="Q0.5EQ1.5",
          beta_lipschitz=0.9, track_lipschitz=True, damping=1e-9, grad_clip_max_amps=(2.0, 10.0),
          grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None, permissive_spike_protection=True,
-         newton_schulz_iters=5, axis_name=None, round="nearest", key=42):
+         newton_schulz_iters=5, axis_name=None, round="nearest", key=42, block_size=None,
+         max_size_dense=16384, tile_stack_multiple=1, normalize_grads=False, lr_style=None):
     r"""PSGD Kron: momentum preconditioned by a Kronecker-factored :math:`P = Q^TQ` fitted online.
 
     .. math::
@@ -141,6 +154,11 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
+      block_size: ``None``, or the side of blocked factors' tiles and strips (``docs/scale.md``).
+      max_size_dense: with ``block_size``: longest side that is tiled (longer: strips, diagonals).
+      tile_stack_multiple: pad the tile stack to a multiple of this (the sharding mesh axis' size).
+      normalize_grads: divide each leaf's gradient by its Frobenius norm (+1e-6) first.
+      lr_style: ``None`` or ``"adam"`` (update RMS capped at 1.1, then divided by 5).
 
     Returns:
       ``optax.chain(scale_by_kron(...), add_decayed_weights, scale_by_learning_rate)``.
@@ -168,7 +186,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
         track_lipschitz=track_lipschitz, damping=damping, grad_clip_max_amps=grad_clip_max_amps,
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
-        axis_name=axis_name, round=round, key=key)
+        axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style)
     return optax.chain(scale, optax.add_decayed_weights(weight_decay, weight_decay_mask),
                        optax.scale_by_learning_rate(learning_rate))
 

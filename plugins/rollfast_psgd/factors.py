@@ -149,7 +149,7 @@ class UpdateConfig(NamedTuple):
     axis_name: object = None
 
 
-def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=None):
+def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=None, valid=None):
     r"""One preconditioner update of a leaf's factors (float32, un-stacked leaf).
 
     The statistic :math:`X = Qh` or :math:`Ph` (and :math:`B = Q^{-T}v` for inverse-probe
@@ -175,6 +175,10 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
       segments: for a :class:`Packing` of small leaves (one diagonal factor holding
         several leaves), their :class:`Segments`: bounds, Lipschitz estimates and steps
         are then per segment, exactly as for the leaves one by one.
+      valid: for a zero-padded piece of a blocked leaf, per factor the valid length
+        (an int scalar): ``h`` and ``v`` must be zero on the padding; :math:`T_2` and the
+        damping count only the valid block and the moved factors are zeroed on the
+        padding (:func:`confine`), so the valid block moves as an unpadded factor would.
 
     Returns:
       ``(new_qs, new_ls, new_ps)``: the factors, their Lipschitz estimates, and their
@@ -190,16 +194,19 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
     """
     spec = cfg.spec
     upper = spec.inverse_probe  # the protocol: inverse-probe modes keep dense factors upper triangular
-    x, b = statistic(qs, h, v, spec)
+    x, b = statistic(qs, h, v, spec, valid)
+    n = h.size if valid is None else jnp.prod(jnp.stack(valid)).astype(jnp.float32)
     new_qs, new_ls, new_ps = [], [], []
     for i, (q, probe) in enumerate(zip(qs, probes)):
         p_bound, p_geom = probe if q.ndim == 2 else (None, None)
-        t1, t2 = gram_terms(x, b, axis=i, q=q, n=h.size, cfg=cfg)
+        t1, t2 = gram_terms(x, b, axis=i, q=q, n=n, cfg=cfg, valid=None if valid is None else valid[i])
         bound = curvature_bound(t1, t2, p_bound, dense=q.ndim == 2, segments=segments,
                                 axis_name=cfg.axis_name)
         eta, l_new = lipschitz_step(bound, None if ls is None else ls[i], cfg, segments)
         new_ls.append(l_new)
         new_q, new_p = move_factor(q, FactorTerms(t1, t2, eta, bound, p_geom, cfg.newton_schulz_iters), spec)
+        if valid is not None:
+            new_q, new_p = confine(new_q, new_p, valid[i])
         new_qs.append(new_q)
         new_ps.append(new_p)
     new_qs, new_ps = balanced(new_qs, new_ps, balance, cfg.axis_name)
@@ -208,7 +215,7 @@ def update_factors(qs, ls, h, v, probes, balance, cfg: UpdateConfig, segments=No
     return new_qs, (new_ls if cfg.track_lipschitz else ls), new_ps
 
 
-def statistic(qs, h, v, spec: ModeSpec):
+def statistic(qs, h, v, spec: ModeSpec, valid=None):
     r"""The statistic of one update, from the old factors: :math:`X = Qh` (``"Qh"``) or
     :math:`X = Ph` (``"Ph"``), and :math:`B = Q^{-T}v` for an inverse-probe mode
     (else ``None``).
@@ -218,6 +225,8 @@ def statistic(qs, h, v, spec: ModeSpec):
       h: the probe gradient.
       v: the probe noise.
       spec: the mode's :class:`ModeSpec`.
+      valid: per factor the valid length of a zero-padded piece, or ``None``; the
+        inverse probe then solves with the identity on the padding (``v`` is zero there).
 
     >>> import jax.numpy as jnp
     >>> x, b = statistic([jnp.array([2.0, 3.0])], jnp.ones(2), jnp.ones(2), mode_spec({"update_dense": abs}))
@@ -226,10 +235,15 @@ def statistic(qs, h, v, spec: ModeSpec):
     """
     upper = spec.inverse_probe
     x = apply_all(qs, h, upper) if spec.statistic == "Qh" else apply_all(preconditioner(qs, upper), h)
-    return x, (inverse_probe(qs, v) if spec.inverse_probe else None)
+    if not spec.inverse_probe:
+        return x, None
+    if valid is not None:
+        qs = [q + jnp.diag(1 - valid_mask(q.shape[0], r)) if q.ndim == 2 else q + 1 - valid_mask(q.shape[0], r)
+              for q, r in zip(qs, valid)]
+    return x, inverse_probe(qs, v)
 
 
-def gram_terms(x, b, *, axis, q, n, cfg: UpdateConfig):
+def gram_terms(x, b, *, axis, q, n, cfg: UpdateConfig, valid=None):
     r"""``(T_1, T_2)`` of the factor along ``axis``.
 
     .. math::
@@ -244,6 +258,8 @@ def gram_terms(x, b, *, axis, q, n, cfg: UpdateConfig):
       q: the factor (its rank says dense or diagonal, its length is :math:`d_i`).
       n: the number of elements of the leaf.
       cfg: the :class:`UpdateConfig` (``damping`` δ, ``axis_name``).
+      valid: the valid length :math:`d_i` of a zero-padded factor (``n`` is then the
+        valid element count), or ``None``; δ is added on the valid block only.
 
     >>> import jax.numpy as jnp
     >>> cfg = UpdateConfig(mode_spec({"update_dense": abs}), 0.1, 0.9, True, 0.5, 5)
@@ -253,9 +269,12 @@ def gram_terms(x, b, *, axis, q, n, cfg: UpdateConfig):
     dense = q.ndim == 2
     mean = (lambda t: jax.lax.pmean(t, cfg.axis_name)) if cfg.axis_name else (lambda t: t)
     t1 = mean(gram(x, axis, dense))
-    if b is None:
+    if b is not None:
+        return t1, mean(gram(b, axis, dense))
+    if valid is None:
         return t1 + cfg.damping, jnp.float32(n / q.shape[0])
-    return t1, mean(gram(b, axis, dense))
+    mask = valid_mask(q.shape[0], valid)
+    return t1 + cfg.damping * (jnp.outer(mask, mask) if dense else mask), n / jnp.maximum(valid, 1)
 
 
 def curvature_bound(t1, t2, probe, *, dense, segments=None, axis_name=None):
@@ -335,6 +354,27 @@ def move_factor(q, terms: FactorTerms, spec: ModeSpec):
     moved = move(q, terms)
     new_q, new_p = moved if isinstance(moved, tuple) else (moved, None)
     return new_q.astype(jnp.float32), new_p
+
+
+def confine(q, p, valid):
+    """A moved factor (and the ``p`` a mode returned) zeroed outside its first ``valid``
+    rows and columns (entries, for a diagonal).
+
+    >>> import jax.numpy as jnp
+    >>> confine(jnp.ones((2, 2)), None, 1)
+    (Array([[1., 0.],
+           [0., 0.]], dtype=float32), None)
+    """
+    mask = valid_mask(q.shape[0], valid)
+    if q.ndim == 2:
+        mask = jnp.outer(mask, mask)
+    return q * mask, (None if p is None else p * mask)
+
+
+def valid_mask(d, valid):
+    """The float32 ``(…, d)`` 0/1 mask of the first ``valid`` of ``d`` entries (``valid``
+    an int array of shape ``(…)``)."""
+    return (jnp.arange(d) < jnp.asarray(valid)[..., None]).astype(jnp.float32)
 
 
 def balanced(qs, ps, when, axis_name=None):

@@ -2,7 +2,8 @@
 
 Per step (:func:`kron_update`): :func:`guard_spike` → :func:`momentum` → :func:`lazy_scale`
 → (with probability ``p``) :func:`fit_factors` → :func:`apply_preconditioner` →
-:func:`clip_updates`; where the factors live is :func:`leaf_plans` (the layout stage),
+:func:`clip_updates`; where the factors live is :func:`leaf_plans` (the layout stage) and,
+with ``block_size``, :func:`work_layout` (tiles and strips, ``rollfast_psgd.blocking``);
 the state is written by :func:`next_state`. A step whose gradient is not finite, or a
 spike with ``permissive_spike_protection=False``, returns zero updates and leaves the
 state exactly as it was. The equations are in ``docs/kron.md``.
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from rollfast.toolbox import hashed_bits, resolve, spike_guard, update_clipper
+from rollfast_psgd.blocking import BlockedFactors, Tiling, TileStack, Untiled, unit_mask
 from rollfast_psgd.factors import (MEMORY_SAVE_MODES, ModeSpec, Packing, UpdateConfig, init_factors, layout,
                                    mode_spec, update_factors)
 from rollfast_psgd.linalg import PROBES, apply_all, preconditioner
@@ -50,6 +52,22 @@ class KronState(NamedTuple):
 def _check_memory_save_mode(instance, attribute, value):
     if value not in MEMORY_SAVE_MODES:
         raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {value!r}")
+
+
+LR_STYLES = (None, "adam")
+
+
+def _check_lr_style(instance, attribute, value):
+    if value not in LR_STYLES:
+        raise ValueError(f"lr_style must be one of {LR_STYLES}, got {value!r}")
+
+
+def _check_size(instance, attribute, value):
+    if value is None and attribute.name == "block_size":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        allowed = "None or an int >= 1" if attribute.name == "block_size" else "an int >= 1"
+        raise ValueError(f"{attribute.name} must be {allowed}, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -95,6 +113,11 @@ class KronOptions:
     axis_name: object = None
     round: object = "nearest"
     key: object = 42
+    block_size: int | None = attrs.field(default=None, validator=_check_size)
+    max_size_dense: int = attrs.field(default=16384, validator=_check_size)
+    tile_stack_multiple: int = attrs.field(default=1, validator=_check_size)
+    normalize_grads: bool = False
+    lr_style: str | None = attrs.field(default=None, validator=_check_lr_style)
     spec: ModeSpec = attrs.field(init=False)
     rounding: object = attrs.field(init=False)
     clip: Callable = attrs.field(init=False)
@@ -144,7 +167,8 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
                   lax_map_batch_size=8, mode="Q0.5EQ1.5", beta_lipschitz=0.9, track_lipschitz=True, damping=1e-9,
                   grad_clip_max_amps=(2.0, 10.0), grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None,
                   permissive_spike_protection=True, newton_schulz_iters=5, axis_name=None, round="nearest",
-                  key=42) -> optax.GradientTransformation:
+                  key=42, block_size=None, max_size_dense=16384,
+                  tile_stack_multiple=1, normalize_grads=False, lr_style=None) -> optax.GradientTransformation:
     r"""Precondition the momentum with a Kronecker-factored PSGD preconditioner.
 
     .. math::
@@ -184,6 +208,11 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
+      block_size: ``None``, or the side of blocked factors' tiles and strips (``docs/scale.md``).
+      max_size_dense: with ``block_size``: longest side that is tiled (longer: strips, diagonals).
+      tile_stack_multiple: pad the tile stack to a multiple of this (the sharding mesh axis' size).
+      normalize_grads: divide each leaf's gradient by its Frobenius norm (+1e-6) first.
+      lr_style: ``None`` or ``"adam"`` (update RMS capped at 1.1, then divided by 5).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`KronState`.
@@ -213,7 +242,8 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
         track_lipschitz=track_lipschitz, damping=damping, grad_clip_max_amps=grad_clip_max_amps,
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
-        axis_name=axis_name, round=round, key=key)
+        axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style)
     return kron_transform(options)
 
 
@@ -254,9 +284,19 @@ def per_layer(fn, scanned, options: KronOptions):
     return jax.vmap(fn)
 
 
+def work_layout(tree, plans, options: KronOptions):
+    """Where the factors live: :class:`~rollfast_psgd.blocking.Untiled` (every leaf its own
+    unit) or, with ``block_size``, the :class:`~rollfast_psgd.blocking.Tiling` of the tree."""
+    if options.block_size is None:
+        return Untiled(plans)
+    return Tiling([p.shape for p in jax.tree.leaves(tree)], plans, block_size=options.block_size,
+                  max_size_dense=options.max_size_dense, stack_multiple=options.tile_stack_multiple)
+
+
 def kron_init(params, options: KronOptions) -> KronState:
     r"""Initial state: zero momentum, factors at :math:`P = s^2 I` (``s = 1`` until the lazy
-    scale when ``preconditioner_init_scale`` is ``None``), Lipschitz estimates 0, count 0.
+    scale when ``preconditioner_init_scale`` is ``None``; with ``block_size``, on the valid
+    block of each piece and 0 on its padding), Lipschitz estimates 0, count 0.
 
     >>> kron_init({"w": jnp.ones((2, 2))}, KronOptions(preconditioner_init_scale=4.0)).qs["w"][0]
     Array([[2., 0.],
@@ -264,18 +304,39 @@ def kron_init(params, options: KronOptions) -> KronState:
     """
     leaves, treedef = jax.tree.flatten(params)
     scale = 1.0 if options.preconditioner_init_scale is None else options.preconditioner_init_scale
-    qs, ls = [], []
-    for p, (scanned, dense) in zip(leaves, leaf_plans(params, options)):
-        lead = p.shape[:1] * scanned
-        shape = p.shape[1:] if scanned else p.shape
-        qs.append(tuple(jnp.broadcast_to(q, lead + q.shape).astype(options.q_store)
-                        for q in init_factors(shape, dense, scale)))
-        ls.append(tuple(jnp.zeros(lead, F32) for _ in qs[-1]))
+    plans = leaf_plans(params, options)
+    tiling = work_layout(params, plans, options)
+    shapes = [s.shape for s in jax.eval_shape(tiling.split, leaves)]
+    qs = tiling.init_factors(scale) if options.block_size else [None] * len(shapes)
+    for u, (shape, (scanned, dense)) in enumerate(zip(shapes, tiling.plans)):
+        if qs[u] is None:
+            lead = shape[:1] * scanned
+            qs[u] = init_factors(shape[1:] if scanned else shape, dense, scale)
+            qs[u] = tuple(jnp.broadcast_to(q, lead + q.shape) for q in qs[u])
+    qs = [tuple(q.astype(options.q_store) for q in fs) for fs in qs]
+    ls = [tuple(jnp.zeros(shape[:1] * scanned, F32) for _ in fs)
+          for fs, shape, (scanned, _) in zip(qs, shapes, tiling.plans)]
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, options.mu_store), params) if options.b1 > 0 else None
     key = jax.random.PRNGKey(options.key) if isinstance(options.key, int) else options.key
-    return KronState(jnp.zeros([], jnp.int32), mu, treedef.unflatten(qs),
-                     treedef.unflatten(ls) if options.track_lipschitz else None,
+    return KronState(jnp.zeros([], jnp.int32), mu, factor_state(qs, treedef, tiling),
+                     factor_state(ls, treedef, tiling) if options.track_lipschitz else None,
                      jnp.asarray(options.preconditioner_init_scale is None), key)
+
+
+def factor_state(per_unit: list, treedef, tiling):
+    """Per-unit factor tuples → the state's form: the params tree of per-leaf tuples, or
+    (blocked) :class:`~rollfast_psgd.blocking.BlockedFactors` with the stack first."""
+    if tiling is None or isinstance(tiling, Untiled):
+        return treedef.unflatten([tuple(fs) for fs in per_unit])
+    stack = TileStack(*per_unit[0]) if tiling.stacked else None
+    return BlockedFactors(stack, tuple(tuple(fs) for fs in per_unit[bool(tiling.stacked):]))
+
+
+def factor_units(stored, treedef, tiling) -> list:
+    """Inverse of :func:`factor_state`: per work unit the list of its factors."""
+    if isinstance(tiling, Untiled):
+        return [list(fs) for fs in treedef.flatten_up_to(stored)]
+    return ([list(stored.stack)] if tiling.stacked else []) + [list(fs) for fs in stored.units]
 
 
 # --- the stages of one step -----------------------------------------------------------
@@ -355,18 +416,20 @@ def preconditioners(qs, plans, options: KronOptions) -> list:
             for fs, (scanned, _) in zip(qs, plans)]
 
 
-def fit_units(qs, ls, signal, plans, segments, normals, balance, options: KronOptions):
+def fit_units(qs, ls, signal, plans, segments, normals, balance, options: KronOptions, valid=None):
     r"""One preconditioner update of every unit (:func:`~rollfast_psgd.factors.update_factors`)
     on the probe :math:`h = x + (\delta + \epsilon|x|)\,v`; an empty unit keeps its factors.
+    A unit of zero-padded pieces (``valid[i]`` not ``None``) draws ``v`` on the valid block only.
 
     Returns:
       ``(qs, ls, ps)`` per unit: new factors, Lipschitz estimates (``None`` without
       ``track_lipschitz``) and :math:`P` of the new factors.
     """
     noise, probes = iter(normals[:len(signal)]), iter(normals[len(signal):])
+    valid = valid or [None] * len(signal)
     new_qs, new_ls, new_ps = [], [], []
     for i, (x, (scanned, dense), seg) in enumerate(zip(signal, plans, segments)):
-        v = next(noise)
+        v = next(noise) if valid[i] is None else next(noise) * unit_mask(valid[i], x.shape)
         leaf_probes = [next(probes) if is_dense else None for is_dense in dense]
         l_i = None if ls is None else ls[i]
         if x.size == 0:  # an empty leaf has nothing to fit
@@ -376,31 +439,35 @@ def fit_units(qs, ls, signal, plans, segments, normals, balance, options: KronOp
             continue
         h = x + (options.damping + jnp.finfo(x.dtype).eps * jnp.abs(x)) * v
         step = partial(_update_one, probes=leaf_probes, balance=balance, cfg=options.update_config, segments=seg)
-        q, l, p = per_layer(step, scanned, options)(qs[i], l_i, view(h.astype(F32), scanned), view(v, scanned))
+        q, l, p = per_layer(step, scanned, options)(qs[i], l_i, view(h.astype(F32), scanned), view(v, scanned),
+                                                    valid[i])
         new_qs.append(q)
         new_ls.append(l)
         new_ps.append(p)
     return new_qs, (None if ls is None else new_ls), new_ps
 
 
-def _update_one(qs, ls, h, v, *, probes, balance, cfg, segments):
-    return update_factors(qs, ls, h, v, probes, balance, cfg, segments)
+def _update_one(qs, ls, h, v, valid, *, probes, balance, cfg, segments):
+    return update_factors(qs, ls, h, v, probes, balance, cfg, segments, valid)
 
 
-def fit_factors(qs, ls, signal, plans, draws, options: KronOptions):
+def fit_factors(qs, ls, signal, plans, draws, options: KronOptions, valid=None):
     """The factor stage: per leaf ``(qs, ls, ps)`` after an update with probability ``p``
     (``lax.cond`` on ``draws.do_update``; with a constant ``p = 0`` no update branch is
     compiled). ``ps`` is ``P`` of the factors that precondition this step: the new ones with
     ``update_preconditioner_first``, else the old ones. Leaves are fitted as the units of
     ``Packing.of(..., stack=True)``: small leaves packed, leaves of equal shape stacked.
+    ``valid``: per leaf (unit of blocked pieces) ``None`` or its valid lengths.
     """
     fit = Packing.of(plans, [x.shape for x in signal], enabled=options.spec.update_diag is None)
     first = options.update_preconditioner_first
+    valid = valid or [None] * len(signal)
+    fit_valid = [valid[i] for i in fit.others] + [None] * (len(fit.plans(plans)) - len(fit.others))
 
     def update_branch(qs, ls):
         new_qs, new_ls, new_ps = fit_units(
             fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal), fit.plans(plans),
-            fit.segments, draws.normals(), draws.balance, options)
+            fit.segments, draws.normals(), draws.balance, options, fit_valid)
         out = (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls), fit.unpack(new_ps, qs))
         return out if first else out[:2]
 
@@ -432,6 +499,27 @@ def clip_updates(us: list, options: KronOptions) -> list:
     return options.clip(us, 1.0)
 
 
+def normalized(grads: list) -> list:
+    r"""``normalize_grads``: each leaf :math:`g \leftarrow g / (\lVert g\rVert_F + 10^{-6})`.
+
+    >>> [round(float(x), 4) for x in normalized([jnp.array([3.0, 4.0])])[0]]
+    [0.6, 0.8]
+    """
+    return [g / (jnp.linalg.norm(g.reshape(-1)) + 1e-6) for g in grads]
+
+
+def adam_matched(us: list) -> list:
+    r"""``lr_style="adam"``: per leaf
+    :math:`u \leftarrow u \cdot \min(1, 1.1/\operatorname{rms}(u)) / 5`, so a whitened
+    update (RMS ≈ 1) has RMS ≈ 0.2 — about Adam's — and Adam learning rates transfer.
+
+    >>> [round(float(x), 4) for x in adam_matched([jnp.full(4, 2.0)])[0]]
+    [0.22, 0.22, 0.22, 0.22]
+    """
+    rms = lambda u: jnp.sqrt(jnp.mean(jnp.square(u))) if u.size else jnp.float32(0)
+    return [u * jnp.minimum(1.0, 1.1 / jnp.maximum(rms(u), 1e-30)) / 5 for u in us]
+
+
 def store(arrays: list, dtype, key, rounding) -> list:
     """Arrays written in their storage ``dtype`` with the ``round`` rule (float32: as they are)."""
     if dtype == F32:
@@ -461,30 +549,41 @@ def draw_step(key, shapes, prob, skip) -> StepDraws:
 
 
 def kron_update(updates, state: KronState, params=None, *, options: KronOptions):
-    """One step: the stages in order (module docstring); ``params`` is unused."""
+    """One step: the stages in order (module docstring); ``params`` is unused. With
+    ``block_size`` the factor stages run on the blocked units of :func:`work_layout`."""
     del params
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
         return updates, state
     plans = leaf_plans(updates, options)
+    tiling = work_layout(updates, plans, options)
     ok, grads = guard_spike([g.astype(F32) for g in leaves], options)
     skip = ~ok
+    if options.normalize_grads:
+        grads = normalized(grads)
     moms = grads
     if options.b1 > 0:
         moms = momentum(grads, treedef.flatten_up_to(state.mu), state.count, skip, options.b1)
-    qs = [[q.astype(F32) for q in fs] for fs in treedef.flatten_up_to(state.qs)]
-    ls = [list(l) for l in treedef.flatten_up_to(state.ls)] if options.track_lipschitz else None
+    qs = [[q.astype(F32) for q in fs] for fs in factor_units(state.qs, treedef, tiling)]
+    ls = factor_units(state.ls, treedef, tiling) if options.track_lipschitz else None
     pk = Packing.of(plans, [g.shape for g in grads], enabled=options.spec.update_diag is None, stack=False)
     if options.preconditioner_init_scale is None:
         qs = lazy_scale(qs, pk.pack(grads), pk.plans(plans), state.needs_scale_init & ~skip, pk.segments,
                         damping=options.damping, axis_name=options.axis_name)
-    signal = grads if options.whiten_grad else moms
-    draws = draw_step(state.key, _fit_noise_shapes(signal, plans, options),
+    signal = tiling.split(grads if options.whiten_grad else moms)
+    draws = draw_step(state.key, _fit_noise_shapes(signal, tiling.plans, options),
                       update_probability(state.count, options), skip)
-    new_qs, new_ls, ps = fit_factors(qs, ls, signal, plans, draws, options)
-    us = pk.unpack(apply_preconditioner(pk.pack(ps), pk.pack(moms), pk.plans(plans), options), leaves)
-    us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(clip_updates(us, options), leaves)]
-    return treedef.unflatten(us), next_state(state, treedef, moms=moms, qs=new_qs, ls=new_ls, skip=skip,
+    new_qs, new_ls, ps = fit_factors(qs, ls, signal, tiling.plans, draws, options, tiling.valid)
+    work = tiling.split(moms)
+    pw = pk if isinstance(tiling, Untiled) else Packing.of(
+        tiling.plans, [m.shape for m in work], enabled=options.spec.update_diag is None, stack=False)
+    us = tiling.join(pw.unpack(apply_preconditioner(pw.pack(ps), pw.pack(work), pw.plans(tiling.plans), options),
+                               work), leaves)
+    us = clip_updates(us, options)
+    if options.lr_style == "adam":
+        us = adam_matched(us)
+    us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(us, leaves)]
+    return treedef.unflatten(us), next_state(state, treedef, tiling=tiling, moms=moms, qs=new_qs, ls=new_ls, skip=skip,
                                              draws=draws, options=options)
 
 
@@ -494,17 +593,18 @@ def _fit_noise_shapes(signal, plans, options):
 
 
 def next_state(state: KronState, treedef, *, moms, qs, ls, skip, draws: StepDraws,
-               options: KronOptions) -> KronState:
+               options: KronOptions, tiling=None) -> KronState:
     """The new state in its storage dtypes; count, key and the lazy-scale flag stay where
-    ``skip`` (momentum, factors and estimates kept themselves in their stages)."""
+    ``skip`` (momentum, factors and estimates kept themselves in their stages); factors in
+    the form of :func:`factor_state` for ``tiling`` (``None``: per leaf)."""
     mu = treedef.unflatten(store(moms, options.mu_store, draws.mu_key, options.rounding)) if options.b1 > 0 \
         else state.mu
     stored = iter(store([q for fs in qs for q in fs], options.q_store, draws.q_key, options.rounding))
     keep = lambda old, new: jnp.where(skip, old, new)
     return KronState(
         keep(state.count, optax.safe_increment(state.count)), mu,
-        treedef.unflatten([tuple(next(stored) for _ in fs) for fs in qs]),
-        treedef.unflatten([tuple(l) for l in ls]) if options.track_lipschitz else None,
+        factor_state([tuple(next(stored) for _ in fs) for fs in qs], treedef, tiling),
+        factor_state(ls, treedef, tiling) if options.track_lipschitz else None,
         keep(state.needs_scale_init, False), keep(state.key, draws.next_key))
 
 

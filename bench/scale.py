@@ -1,0 +1,134 @@
+"""kron at model scale: blocked factors against unblocked kron and optax.adamw.
+
+Tables (``docs/scale.md``):
+
+1. ``memory``: optimizer-state bytes per parameter at the shapes of a 1.3 B and a 7 B
+   decoder (scanned layers), from ``jax.eval_shape`` (nothing is allocated), and the
+   fraction of parameters with a dense factor on both sides.
+2. ``speed``: the standard 4.9 M tree, block 128 / 256 / unblocked, default mode and QUAD:
+   XLA's GFLOP for an update step (p=1) and an apply-only step (p=0), step time, compile.
+3. ``stack``: 4, 16, 64 equal 1024×1024 leaves at block 256: compile and step time.
+4. ``dense``: what blocking costs when the curvature is not block diagonal (relative error
+   after 300 steps on the Kronecker least-squares problem with dense random-basis factors).
+
+    python -m bench.scale [memory|speed|stack|dense ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rollfast
+from bench.common import compile_step, print_table, state_bytes, time_interleaved
+
+DECODERS = {"1.3B": dict(d=2048, ffn=5632, layers=24, vocab=32000),
+            "7B": dict(d=4096, ffn=11008, layers=32, vocab=32000)}
+
+
+def decoder_shapes(d, ffn, layers, vocab) -> dict:
+    """Parameter shapes of a decoder whose blocks are scanned (leading layer axis)."""
+    per_layer = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "up": (d, ffn), "gate": (d, ffn),
+                 "down": (ffn, d), "norm1": (d,), "norm2": (d,)}
+    tree = {"embed": (vocab, d), "head": (d, vocab), "final_norm": (d,)}
+    tree.update({f"blocks/{k}": (layers, *s) for k, s in per_layer.items()})
+    return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in tree.items()}
+
+
+def dense_fraction(params, opt_kwargs) -> float:
+    """Fraction of parameters whose leaf (or tile/strip) has a dense factor on both sides."""
+    from rollfast_psgd.blocking import matrix_view, piece_rule
+    from rollfast_psgd.transform import KronOptions, leaf_plans
+    options = KronOptions(**opt_kwargs)
+    total = dense = 0
+    for p, (scanned, plan) in zip(jax.tree.leaves(params), leaf_plans(params, options)):
+        total += p.size
+        view = matrix_view(p.shape[1:] if scanned else p.shape)
+        rule = piece_rule(view, options.block_size, options.max_size_dense) if options.block_size else "whole"
+        dense += p.size * (rule == "tiles" or (rule == "whole" and len(plan) >= 2 and all(plan)))
+    return dense / total
+
+
+def memory_table() -> None:
+    scanned = lambda params: {k: k.startswith("blocks/") for k in params}
+    variants = [("optax.adamw", None),
+                ("kron unblocked", dict()),
+                ("kron block 256", dict(block_size=256)),
+                ("kron block 256, bf16 mu + factors", dict(block_size=256, mu_dtype=jnp.bfloat16,
+                                                            precond_dtype=jnp.bfloat16))]
+    print("| model | optimizer | state GB | bytes / param | × adamw | dense both sides |")
+    print("|---|---|---|---|---|---|")
+    for model, dims in DECODERS.items():
+        params = decoder_shapes(**dims)
+        n = sum(p.size for p in jax.tree.leaves(params))
+        base = None
+        for name, kwargs in variants:
+            if kwargs is None:
+                opt, frac = optax.adamw(1e-3), "-"
+            else:
+                kwargs = dict(kwargs, scanned_layers=scanned)
+                opt = rollfast.get("kron", learning_rate=1e-3, **kwargs)
+                frac = f"{100 * dense_fraction(params, kwargs):.0f} %"
+            size = state_bytes(jax.eval_shape(opt.init, params))
+            base = base or size
+            print(f"| {model} ({n / 1e9:.2f} B) | {name} | {size / 1e9:.1f} | {size / n:.2f} | {size / base:.2f} "
+                  f"| {frac} |")
+
+
+def speed_table() -> None:
+    cases = [compile_step("optax.adamw", optax.adamw(1e-3))]
+    for mode in ("Q0.5EQ1.5", "QUAD"):
+        for block in (None, 128, 256):
+            for p in (1.0, 0.0):
+                name = f"kron {mode} {'unblocked' if block is None else f'block {block}'} p={p:g}"
+                cases.append(compile_step(name, rollfast.get("kron", learning_rate=1e-3, mode=mode,
+                                                             block_size=block, preconditioner_update_probability=p)))
+    rows = time_interleaved(cases, rounds=2, steps=5)
+    print_table(rows)
+    print("\namortised step at p=0.03 (× adamw): " + ", ".join(
+        f"{rows[i].name[:-4]} {(0.03 * rows[i].step_ms + 0.97 * rows[i + 1].step_ms) / rows[0].step_ms:.1f}×"
+        for i in range(1, len(rows), 2)))
+
+
+def stack_table() -> None:
+    print("| leaves 1024² | tiles | compile s | step ms (p=1) |")
+    print("|---|---|---|---|")
+    points = []
+    for k in (4, 16, 64):
+        params = {f"w{i}": jnp.full((1024, 1024), 0.01) for i in range(k)}
+        opt = rollfast.get("kron", learning_rate=1e-3, block_size=256, preconditioner_update_probability=1.0)
+        loss = lambda p: sum(jnp.sum(x**2) for x in p.values())
+        row = time_interleaved([compile_step(f"{k}", opt, params, loss=loss, compiles=1)], rounds=1, steps=3)[0]
+        points.append((16 * k, row.compile_s, row.step_ms))
+        print(f"| {k} | {16 * k} | {row.compile_s:.2f} | {row.step_ms:.0f} |")
+    tiles, comp, step = map(np.asarray, zip(*points))
+    print(f"\nslope per tile: compile {1e3 * np.polyfit(tiles, comp, 1)[0]:.2f} ms, "
+          f"step {np.polyfit(tiles, step, 1)[0]:.2f} ms")
+
+
+def dense_table() -> None:
+    sys.path.insert(0, "tests")
+    from test_kron_blocked import _spd, relative_error
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    a, b, w_star = _spd(k[0], 384, 100.0), _spd(k[1], 256, 100.0), jax.random.normal(k[2], (384, 256))
+    loss = lambda w: 0.5 * jnp.sum((w - w_star) * (a @ (w - w_star) @ b))
+    print("| optimizer (dense random-basis factors, 300 steps) | relative error |")
+    print("|---|---|")
+    for name, opt in [("kron unblocked", rollfast.get("kron", learning_rate=0.03)),
+                      ("kron block 128", rollfast.get("kron", learning_rate=0.03, block_size=128))] + [
+            (f"adam lr={lr:g}", optax.adam(lr)) for lr in (0.1, 0.3, 1.0)]:
+        t = time.perf_counter()
+        print(f"| {name} | {relative_error(opt, loss, w_star):.2e} |  <!-- {time.perf_counter() - t:.0f} s -->")
+
+
+TABLES = {"memory": memory_table, "speed": speed_table, "stack": stack_table, "dense": dense_table}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or TABLES:
+        print(f"\n## {name}\n")
+        TABLES[name]()
