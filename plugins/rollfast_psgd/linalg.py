@@ -228,8 +228,9 @@ def nlb_spd(a, probe):
       probe: a ``(32, d)`` standard normal matrix.
 
     >>> import jax, jax.numpy as jnp
-    >>> nlb_spd(jnp.diag(jnp.array([4.0, 1.0])), jax.random.normal(jax.random.PRNGKey(0), (32, 2)))
-    Array(4., dtype=float32)
+    >>> probe = jax.random.normal(jax.random.PRNGKey(0), (32, 2))
+    >>> round(float(nlb_spd(jnp.diag(jnp.array([4.0, 1.0])), probe)), 5)
+    4.0
     """
     return _power_bound(a, jnp.max(diagonal(a)) + jnp.finfo(a.dtype).tiny, probe)
 
@@ -243,8 +244,9 @@ def nlb_skh(a, probe):
       probe: a ``(32, d)`` standard normal matrix.
 
     >>> import jax, jax.numpy as jnp
-    >>> nlb_skh(jnp.array([[0.0, 3.0], [-3.0, 0.0]]), jax.random.normal(jax.random.PRNGKey(0), (32, 2)))
-    Array(3., dtype=float32)
+    >>> probe = jax.random.normal(jax.random.PRNGKey(0), (32, 2))
+    >>> round(float(nlb_skh(jnp.array([[0.0, 3.0], [-3.0, 0.0]]), probe)), 5)
+    3.0
     """
     return _power_bound(a, jnp.max(jnp.abs(a)) + jnp.finfo(a.dtype).tiny, probe)
 

@@ -29,8 +29,7 @@ def exp_dense(q, terms):
 
     >>> import jax.numpy as jnp
     >>> from rollfast_psgd.factors import FactorTerms
-    >>> exp_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 2, 1.0, jnp.log(2.0), 3.0, None, 5))
-    Array([[0.5, 0. ],
-           [0. , 0.5]], dtype=float32)
+    >>> exp_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 2, 1.0, jnp.log(2.0), 3.0, None, 5)).round(5).tolist()
+    [[0.5, 0.0], [0.0, 0.5]]
     """
     return sym(q @ expm_taylor(-terms.eta * whitening_error(terms), terms.eta * terms.bound))

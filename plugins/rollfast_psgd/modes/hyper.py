@@ -28,9 +28,9 @@ def hyper_dense(q, terms):
 
     >>> import jax.numpy as jnp
     >>> from rollfast_psgd.factors import FactorTerms
-    >>> hyper_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 2, 1.0, 0.5, 3.0, None, 5))
-    Array([[0.5, 0. ],
-           [0. , 0.5]], dtype=float32)
+    >>> out = hyper_dense(jnp.eye(2), FactorTerms(jnp.eye(2) * 2, 1.0, 0.5, 3.0, None, 5))
+    >>> [round(float(v), 5) for v in out.ravel()]   # η' = 0.9/(ℓ − T₂) = 0.45 caps η = 0.5
+    [0.55, 0.0, 0.0, 0.55]
     """
     cap = 0.9 / (terms.bound - terms.t2 + jnp.finfo(jnp.float32).tiny)
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
