@@ -68,12 +68,12 @@ def _number(value) -> float | None:
     kind = getattr(getattr(value, "dtype", None), "kind", "f")
     if kind not in "iuf":
         return None
+    if _is_traced(value):  # no concrete value to check at build time
+        return math.nan
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         return None
-    except Exception:  # a tracer: no concrete value to check at build time
-        return math.nan if _is_traced(value) else None
 
 
 def _is_traced(value) -> bool:

@@ -152,8 +152,11 @@ def run_unless_skipped(ok, update: Callable, grads, state):
     (Array([0., 0.], dtype=float32), Array([0., 0.], dtype=float32))
     """
     def skipped(grads, state):
-        shapes = jax.eval_shape(update, grads, state)[0]
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state
+        # A state leaf whose dtype the step changes (some Optax states start in the
+        # params' dtype and continue in float32) keeps its value in the step's dtype.
+        shapes, new = jax.eval_shape(update, grads, state)
+        kept = jax.tree.map(lambda s, n: jnp.asarray(s).astype(n.dtype), state, new)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), kept
 
     return jax.lax.cond(ok, update, skipped, grads, state)
 

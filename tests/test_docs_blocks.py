@@ -61,17 +61,44 @@ def test_toml_blocks_are_files(block):
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.values[0]["lang"] == "console"])
 def test_console_commands_run(block, tmp_path, monkeypatch, capsys):
+    """Every ``$ rollfast …`` line runs with the exit code the block shows (``$ echo $?``
+    after it, else 0). ``rollfast compare`` lines train models: their names are resolved
+    here (a misspelt one shown as an error must fail), the runs themselves are
+    tests/test_compare.py's."""
     monkeypatch.chdir(tmp_path)
-    generated = set()
-    for line in block["body"].splitlines():
-        if not line.startswith("$ "):
-            continue
+    generated, lines = set(), [ln for ln in block["body"].splitlines() if ln.startswith("$ ")]
+    code = None
+    for i, line in enumerate(lines):
         argv = shlex.split(line[2:], comments=True)
-        if argv[0] == "rollfast":
-            assert main(argv[1:]) == 0, f"`{line[2:]}` failed: {capsys.readouterr().err}"
+        if argv[:2] == ["cd", "examples"] and "&&" in argv:
+            argv = argv[argv.index("&&") + 1:]
+        if argv == ["echo", "$?"]:
+            continue
+        expected = 2 if lines[i + 1:i + 2] == ["$ echo $?"] else 0
+        if argv[:2] == ["rollfast", "compare"]:
+            _check_compare_names(argv[2:], line)
+        elif argv[0] == "rollfast":
+            try:
+                code = main(argv[1:])
+            except SystemExit as exc:  # argparse's --help
+                code = exc.code
+            assert code == expected, f"`{line[2:]}` exited {code}: {capsys.readouterr().err}"
             if argv[1] == "new-plugin":
                 generated.add(argv[2])
         elif argv[:3] == ["pip", "install", "-e"] or argv[0] == "pytest":
             assert argv[-1] in generated, f"`{line[2:]}`: not a package generated in this block"
         else:
             pytest.fail(f"`{line[2:]}` is not a command this test knows how to check")
+
+
+def _check_compare_names(args: list[str], line: str) -> None:
+    from rollfast.compare.names import parse
+
+    valued = ("--task", "--out", "--steps", "--seeds", "--lr", "--budget")
+    names = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in valued)]
+    shown_as_error = "EPX" in line
+    for name in names:
+        try:
+            parse(name)
+        except Exception:
+            assert shown_as_error, f"`{line[2:]}`: {name!r} does not resolve"
