@@ -310,7 +310,7 @@ def guard(grads, prob, o: Options):
         norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
         if norm > o.raw_global_grad_clip:
             grads = [g * (o.raw_global_grad_clip / (norm + TINY)) for g in grads]
-            skip = not (o.permissive_spike_protection and prob >= 1.0)
+            skip = not o.permissive_spike_protection  # True: rescaled, False: skipped
     return grads, skip
 
 
@@ -395,6 +395,8 @@ def step(grads, params, state: State, o: Options):
     us = [apply_all(precond(f), m.reshape(tuple(m.shape) or (1,))).reshape(m.shape) for f, m in zip(applied, moms)]
     us = [np.zeros(s) for s in shapes] if skip else clip(us, o)
     updates = [-o.learning_rate * (u + o.weight_decay * np.asarray(p, np.float64)) for u, p in zip(us, params)]
+    if not all(np.all(np.isfinite(g)) for g in grads):  # the core's policy: the whole step skipped
+        updates = [np.zeros(s) for s in shapes]
     trace = dict(updated=do_update, balanced=do_update and balance, skipped=skip, unbalanced=unbalanced)
     if skip:
         return updates, State(state.count, state.mu, state.qs, state.ls, state.needs_init, state.key, trace)

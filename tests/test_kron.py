@@ -152,7 +152,7 @@ def test_spike_skip_and_permissive_clip():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(grad_clip_mode="rms"), "grad_clip_mode must be one of"),
+    (dict(grad_clip_mode="rms"), "grad_clip_mode=.rms. is not allowed by family .kron. \\(psgd\\): allowed is one of .per_tensor_rms., .global_rms."),
     (dict(memory_save_mode="some_diag"), "memory_save_mode must be one of"),
     (dict(whiten_grad=False, b1=0.0), "needs b1 > 0"),
 ])
