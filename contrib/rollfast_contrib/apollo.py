@@ -118,19 +118,9 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
     if rank < 1 or update_proj_gap < 1:
         raise ValueError(f"APOLLO needs rank >= 1 and update_proj_gap >= 1, got {rank}, {update_proj_gap}")
 
-    def layout(shape):
-        m, n = matrix_shape(shape)
-        r = min(rank, m, n)
-        return (m, n), r, ((r, n) if m <= n else (m, r))
-
     def init(params):
-        def leaf(_, p):
-            shape = jnp.shape(p)
-            moments = layout(shape)[2] if len(shape) >= 2 else shape
-            return ApolloLeaf(jnp.zeros(moments, jnp.float32), jnp.zeros(moments, jnp.float32),
-                              jnp.zeros([], jnp.float32))
-        k = as_key(key)
-        return ScaleByApolloState(jnp.zeros([], jnp.int32), init_leaves(leaf, params), k)
+        leaves = init_leaves(lambda _, p: _zero_leaf(jnp.shape(p), rank), params)
+        return ScaleByApolloState(jnp.zeros([], jnp.int32), leaves, as_key(key))
 
     def update(updates, state, params=None):
         del params
@@ -142,32 +132,54 @@ def scale_by_apollo(rank=None, variant="apollo", scale=None, update_proj_gap=200
                 mu, nu = adam_moments(g, s.mu, s.nu, b1, b2)
                 u = adam_direction(mu, nu, count, b1, b2, eps)
                 return u.astype(g.dtype), ApolloLeaf(mu, nu, s.prev_norm)
-            (m, n), r, _ = layout(g.shape)
-            mat = g.astype(jnp.float32).reshape(m, n)
-            wide = m <= n
-            p = projection(state.key, i, period, r, m if wide else n)
-            low = p @ mat if wide else mat @ p.T
-            mu, nu = adam_moments(low, s.mu, s.nu, b1, b2)
-            low_adam = adam_direction(mu, nu, count, b1, b2, eps)
-            if mini:
-                factor = jnp.linalg.norm(low_adam) / (jnp.linalg.norm(low) + 1e-8)
-            else:
-                axis = 0 if wide else 1
-                factor = (jnp.linalg.norm(low_adam, axis=axis, keepdims=True)
-                          / (jnp.linalg.norm(low, axis=axis, keepdims=True) + 1e-8))
-            scaled = mat * factor
-            norm = jnp.linalg.norm(scaled)
-            if norm_growth_limit is not None:
-                cap = norm_growth_limit * s.prev_norm
-                shrink = jnp.where((s.prev_norm > 0) & (norm > cap), cap / jnp.maximum(norm, 1e-30), 1.0)
-                scaled, norm = scaled * shrink, norm * shrink
-            u = (alpha * scaled).reshape(g.shape).astype(g.dtype)
-            return u, ApolloLeaf(mu, nu, norm)
+            (m, n), r, _ = _layout(g.shape, rank)
+            p = projection(state.key, i, period, r, m if m <= n else n)
+            return _matrix_step(g, s, p, shape=(m, n), count=count, mini=mini, alpha=alpha, b1=b1, b2=b2,
+                                eps=eps, norm_growth_limit=norm_growth_limit)
 
         out, leaves = map_leaves(leaf, updates, state.leaves)
         return out, ScaleByApolloState(count, leaves, state.key)
 
     return optax.GradientTransformation(init, update)
+
+
+def _layout(shape, rank):
+    """``((m, n), r, moment shape)`` of a matrix leaf: its matrix view, the projection
+    rank ``r = min(rank, m, n)`` and the shape of the projected moments."""
+    m, n = matrix_shape(shape)
+    r = min(rank, m, n)
+    return (m, n), r, ((r, n) if m <= n else (m, r))
+
+
+def _zero_leaf(shape, rank) -> ApolloLeaf:
+    """Zero moments (projected for a matrix leaf, full for a vector or scalar) and norm."""
+    moments = _layout(shape, rank)[2] if len(shape) >= 2 else shape
+    return ApolloLeaf(jnp.zeros(moments, jnp.float32), jnp.zeros(moments, jnp.float32), jnp.zeros([], jnp.float32))
+
+
+def _matrix_step(g, s, p, *, shape, count, mini, alpha, b1, b2, eps, norm_growth_limit):
+    """One matrix leaf: :math:`R_t = PG_t` (or :math:`G_tP^\top`), Adam's direction
+    :math:`\tilde R_t` of its moments, the scaled gradient :math:`\tilde G_t = G_t\,\mathrm{diag}(s)`
+    under the norm-growth limit, and :math:`u_t = \alpha\tilde G_t`."""
+    m, n = shape
+    mat = g.astype(jnp.float32).reshape(m, n)
+    wide = m <= n
+    low = p @ mat if wide else mat @ p.T
+    mu, nu = adam_moments(low, s.mu, s.nu, b1, b2)
+    low_adam = adam_direction(mu, nu, count, b1, b2, eps)
+    if mini:
+        factor = jnp.linalg.norm(low_adam) / (jnp.linalg.norm(low) + 1e-8)
+    else:
+        axis = 0 if wide else 1
+        factor = (jnp.linalg.norm(low_adam, axis=axis, keepdims=True)
+                  / (jnp.linalg.norm(low, axis=axis, keepdims=True) + 1e-8))
+    scaled = mat * factor
+    norm = jnp.linalg.norm(scaled)
+    if norm_growth_limit is not None:
+        cap = norm_growth_limit * s.prev_norm
+        shrink = jnp.where((s.prev_norm > 0) & (norm > cap), cap / jnp.maximum(norm, 1e-30), 1.0)
+        scaled, norm = scaled * shrink, norm * shrink
+    return (alpha * scaled).reshape(g.shape).astype(g.dtype), ApolloLeaf(mu, nu, norm)
 
 
 def apollo(learning_rate: LearningRate, rank: Annotated[int, Nullable(POSITIVE_INT)] = None,

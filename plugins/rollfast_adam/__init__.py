@@ -85,14 +85,6 @@ def scale_by_adam(b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
     keeps_mu = not (isinstance(b1, (int, float)) and b1 == 0)  # b1 = 0: m_t = g_t, nothing to store
     low_precision = store is not None and jnp.finfo(store).bits < 32
 
-    def write(tree, k):
-        if not low_precision:
-            return tree
-        leaves, treedef = jax.tree.flatten(tree)
-        keys = list(jax.random.split(k, max(len(leaves), 1)))
-        cast = round.cast if round is not None else (lambda x, d, _: x.astype(d))
-        return jax.tree.unflatten(treedef, [cast(x, store, kk) for x, kk in zip(leaves, keys)])
-
     def init(params):
         _check_complex(params, store)
         zeros = lambda p: jnp.zeros_like(p, dtype=store or _wide(p))
@@ -101,27 +93,50 @@ def scale_by_adam(b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
 
     def update(updates, state, params=None):
         del params
-        mu = (jax.tree.map(lambda g, m: (1 - b1) * _widen(g, m) + b1 * _widen(m, g), updates, state.mu)
-              if keeps_mu else jax.tree.map(lambda g, v: _widen(g, v), updates, state.nu))
-        nu = jax.tree.map(lambda g, v: (1 - b2) * _abs_sq(_widen(g, v)) + b2 * _widen(v, g),
-                          updates, state.nu)
         count = optax.safe_increment(state.count)
-        bc = optax.tree.bias_correction
-        if nesterov:
-            mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
-                                  bc(mu, b1, optax.safe_increment(count)), bc(updates, b1, count))
-        else:
-            mu_hat = bc(mu, b1, count)
-        nu_hat = bc(nu, b2, count)
-        out = jax.tree.map(lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
-                           mu_hat, nu_hat, is_leaf=lambda x: x is None)
+        mu, nu = _moments(updates, state, b1=b1, b2=b2, keeps_mu=keeps_mu)
+        out = _direction(updates, mu, nu, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                         nesterov=nesterov)
         kept = mu if keeps_mu else None
         if not low_precision:
             return out, ScaleByAdamState(count, kept, nu, state.key)
         key_next, k_mu, k_nu = jax.random.split(state.key, 3)
-        return out, ScaleByAdamState(count, write(kept, k_mu), write(nu, k_nu), key_next)
+        return out, ScaleByAdamState(count, _store(kept, k_mu, store, round), _store(nu, k_nu, store, round),
+                                     key_next)
 
     return optax.GradientTransformation(init, update)
+
+
+def _moments(updates, state, *, b1, b2, keeps_mu):
+    """:math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t` (``g_t`` itself when ``b1 = 0``) and
+    :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2)|g_t|^2`, in each moment's dtype."""
+    mu = (jax.tree.map(lambda g, m: (1 - b1) * _widen(g, m) + b1 * _widen(m, g), updates, state.mu)
+          if keeps_mu else jax.tree.map(lambda g, v: _widen(g, v), updates, state.nu))
+    nu = jax.tree.map(lambda g, v: (1 - b2) * _abs_sq(_widen(g, v)) + b2 * _widen(v, g), updates, state.nu)
+    return mu, nu
+
+
+def _direction(updates, mu, nu, *, count, b1, b2, eps, eps_root, nesterov):
+    """:math:`u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)` with the
+    bias-corrected moments (Nesterov's :math:`\hat m_t` when ``nesterov``)."""
+    bc = optax.tree.bias_correction
+    if nesterov:
+        mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
+                              bc(mu, b1, optax.safe_increment(count)), bc(updates, b1, count))
+    else:
+        mu_hat = bc(mu, b1, count)
+    nu_hat = bc(nu, b2, count)
+    return jax.tree.map(lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
+                        mu_hat, nu_hat, is_leaf=lambda x: x is None)
+
+
+def _store(tree, key, store, round):
+    """Each leaf written in the storage dtype ``store`` by the rounding rule ``round``
+    (plain casting when ``None``), one key per leaf."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = list(jax.random.split(key, max(len(leaves), 1)))
+    cast = round.cast if round is not None else (lambda x, d, _: x.astype(d))
+    return jax.tree.unflatten(treedef, [cast(x, store, k) for x, k in zip(leaves, keys)])
 
 
 def _wide(x):

@@ -113,13 +113,12 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None, permissive_spike_protection=True,
          newton_schulz_iters=5, axis_name=None, round="nearest", key=42, block_size=None,
          max_size_dense=16384, tile_stack_multiple=1, normalize_grads=False, lr_style=None):
-    r"""PSGD Kron: momentum preconditioned by a Kronecker-factored :math:`P = Q^TQ` fitted online.
+    r"""PSGD Kron: momentum preconditioned by a Kronecker-factored :math:`P = Q^TQ`, each
+    factor :math:`Q_i` fitted online by the ``mode`` (:func:`scale_by_kron`, ``docs/kron.md``):
 
     .. math::
         \theta_{t+1} = \theta_t - \alpha_t\bigl(\operatorname{clip}(P m_t) + \lambda\theta_t\bigr),\quad
         m_t = (1-\beta_t) g_t + \beta_t m_{t-1},\quad Q = Q_1 \otimes\dots\otimes Q_k
-
-    where each :math:`Q_i` is fitted online by the ``mode`` (:func:`scale_by_kron`, ``docs/kron.md``).
 
     Args:
       learning_rate: step size :math:`\alpha_t`, a float or an Optax schedule.

@@ -179,40 +179,9 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
     towards whitening :math:`h = g + (\delta + \epsilon|g|) v` (equations: ``docs/kron.md``).
 
     Args:
-      b1: momentum (``β_t = min((t-1)/t, b1)``); ``<= 0`` uses the gradient.
-      preconditioner_update_probability: float or schedule ``step -> p``.
-      max_size_triangular: axes longer than this get a diagonal factor.
-      max_skew_triangular: an axis with ``d² > max_skew_triangular · n`` gets a diagonal factor.
-      min_ndim_triangular: leaves with fewer axes get only diagonal factors.
-      memory_save_mode: ``None``, ``"one_diag"`` (largest axis diagonal) or ``"all_diag"``.
-      whiten_grad: fit P to the gradient (True) or to the momentum (False, needs ``b1 > 0``).
-      update_preconditioner_first: precondition with this step's updated factors.
-      preconditioner_lr: base step η₀ of the factor updates.
-      preconditioner_init_scale: initial ``s`` of ``P = s²I``; ``None``: from the first gradient.
-      mu_dtype: momentum storage dtype (``None``: float32).
-      precond_dtype: factor storage dtype (``None``: float32).
-      precond_update_precision: matmul precision of the factor updates.
-      precond_grads_precision: matmul precision of ``P·m`` (``None``: JAX default).
-      scanned_layers: bool pytree (or ``params -> pytree``) of leaves stacked on axis 0.
-      lax_map_scanned_layers: map scanned layers with ``lax.map`` instead of ``vmap``.
-      lax_map_batch_size: ``lax.map`` batch size (``<= 1``: unbatched).
-      mode: the factor geometry, a registered kron mode (``rollfast list``).
-      beta_lipschitz: decay of the Lipschitz estimate ``L``.
-      track_lipschitz: normalise by the running ``L`` (True) or by this update's bound.
-      damping: probe noise floor δ, added to ``G_i(Ph)``, and in the init-scale estimate.
-      grad_clip_max_amps: ``(rms, elementwise)`` update caps; a number ``a`` is ``(a, 10.0)``.
-      grad_clip_mode: ``"per_tensor_rms"`` or ``"global_rms"``.
-      raw_global_grad_clip: spike threshold ``c`` on the raw gradient's global L2 norm.
-      permissive_spike_protection: a spike is rescaled to norm ``c`` (True) or skipped (False).
-      newton_schulz_iters: NS's reference iteration count (it runs at most ``+ 40``).
-      axis_name: mapped axis over which statistics are averaged and bounds maxed.
-      round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
-      key: int seed or PRNG key; all randomness flows from it.
-      block_size: ``None``, or the side of blocked factors' tiles and strips (``docs/scale.md``).
-      max_size_dense: with ``block_size``: longest side that is tiled (longer: strips, diagonals).
-      tile_stack_multiple: pad the tile stack to a multiple of this (the sharding mesh axis' size).
-      normalize_grads: divide each leaf's gradient by its Frobenius norm (+1e-6) first.
-      lr_style: ``None`` or ``"adam"`` (update RMS capped at 1.1, then divided by 5).
+      b1, preconditioner_update_probability, ..., lr_style: the options of
+        :func:`rollfast_psgd.kron` (documented there, one by one), held in a validated
+        :class:`KronOptions` record.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`KronState`.
