@@ -95,9 +95,9 @@ def _exp_dense(q, terms):
 
 
 def _exp_reference(q, terms):
-    from rollfast_psgd.reference import FIRST_PARTY
+    from rollfast_psgd.reference import exp_reference
 
-    return FIRST_PARTY["EXP"][0](q, terms)
+    return exp_reference(q, terms)
 
 
 WRONG = {

@@ -106,15 +106,8 @@ def checked(geometry, mode: str, kind: str):
 
 
 def declared(record) -> tuple:
-    """``(reference_dense, invariants)`` of a mode: from its registration, else (first-party
-    modes whose registration does not carry them yet) from :data:`reference.FIRST_PARTY`."""
-    ref = record.metadata.get("reference_dense")
-    invariants = record.metadata.get("invariants")
-    fallback = reference.FIRST_PARTY.get(record.name) if record.provider.first_party else None
-    if fallback is not None:
-        ref = ref or fallback[0]
-        invariants = fallback[1] if invariants is None else invariants
-    return ref, tuple(invariants or ())
+    """``(reference_dense, invariants)`` of a mode, as its registration declares them."""
+    return record.metadata.get("reference_dense"), tuple(record.metadata.get("invariants") or ())
 
 
 def contract(record) -> list:

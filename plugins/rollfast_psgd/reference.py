@@ -77,32 +77,41 @@ def polar_spd(q, probe, iters):
     return sym(x.T @ q)
 
 
-def _quad(q, t):
+def eq_reference(q, t):
+    r"""EQ: :math:`Q - \eta\,\operatorname{triu}(T_1 - T_2)\,Q`."""
+    return q - t.eta * np.triu(t.t1 - t.t2) @ q
+
+
+def q0p5eq1p5_reference(q, t):
+    r"""Q0.5EQ1.5: :math:`Q - \eta(T_1Q - T_2Q)`, then one Procrustes rotation toward symmetry."""
+    return procrustes(q - t.eta * (t.t1 @ q - t.t2 * q), t.probe)
+
+
+def ns_reference(q, t):
+    r"""NS: :math:`Q - \eta(T_1Q - T_2Q)`, then its SPD polar factor."""
+    return polar_spd(q - t.eta * (t.t1 @ q - t.t2 * q), t.probe, t.newton_schulz_iters)
+
+
+def quad_reference(q, t):
+    r"""QUAD: :math:`\operatorname{sym}\bigl((I - \tfrac12\eta E)Q(I - \tfrac12\eta E)\bigr)`, :math:`E = T_1 - T_2I`."""
     half = np.eye(len(q)) - t.eta / 2 * (t.t1 - t.t2 * np.eye(len(q)))
     return sym(half @ q @ half)
 
 
-def _taylor2(q, t):
+def exp_reference(q, t):
+    r"""EXP: :math:`\operatorname{sym}\bigl(Q\exp(-\eta\hat E)\bigr)`."""
+    return sym(q @ expm(-t.eta * whitening_error(t)))
+
+
+def taylor2_reference(q, t):
+    r"""TAYLOR2: :math:`\operatorname{sym}\bigl(Q(I - H(I - H/2))\bigr)`, :math:`H = \min(\eta, \tfrac{1/2}{b - T_2})\hat E`."""
     h = min(t.eta, 0.5 / (t.bound - t.t2 + TINY)) * whitening_error(t)
     return sym(q @ (np.eye(len(h)) - h @ (np.eye(len(h)) - h / 2)))
 
 
-def _hyper(q, t):
+def hyper_reference(q, t):
+    r"""HYPER: :math:`\operatorname{sym}\bigl(Q(I - \min(\eta, \tfrac{0.9}{b - T_2})\hat E)\bigr)`."""
     return sym(q @ (np.eye(len(q)) - min(t.eta, 0.9 / (t.bound - t.t2 + TINY)) * whitening_error(t)))
-
-
-# The first-party modes' references and the invariants each keeps (see
-# rollfast_psgd.conformance.declared: a mode's own registration takes precedence).
-FIRST_PARTY = {
-    "EQ": (lambda q, t: q - t.eta * np.triu(t.t1 - t.t2) @ q, ("upper_triangular",)),
-    "Q0.5EQ1.5": (lambda q, t: procrustes(q - t.eta * (t.t1 @ q - t.t2 * q), t.probe), ()),
-    "NS": (lambda q, t: polar_spd(q - t.eta * (t.t1 @ q - t.t2 * q), t.probe, t.newton_schulz_iters),
-           ("symmetric", "spd")),
-    "QUAD": (_quad, ("symmetric",)),
-    "EXP": (lambda q, t: sym(q @ expm(-t.eta * whitening_error(t))), ("symmetric",)),
-    "TAYLOR2": (_taylor2, ("symmetric",)),
-    "HYPER": (_hyper, ("symmetric",)),
-}
 
 
 def along(m, x, axis):

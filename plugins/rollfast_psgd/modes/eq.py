@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import along_upper
 
 
@@ -12,7 +13,8 @@ from rollfast_psgd.linalg import along_upper
 def precondition(register):
     register.mode("kron", "EQ", summary=__doc__.splitlines()[0],
                   update_dense=eq_dense, statistic="Qh", inverse_probe=True,
-                  references=("Xi-Lin Li, Preconditioner on Matrix Lie Group for SGD, arXiv:1809.10232",))
+                  references=("Xi-Lin Li, Preconditioner on Matrix Lie Group for SGD, arXiv:1809.10232",),
+                  metadata={"reference_dense": reference.eq_reference, "invariants": ("upper_triangular",)})
 
 
 def eq_dense(q, terms):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import expm_taylor, sym, whitening_error
 
 
 @rollfast.hookimpl
 def precondition(register):
     register.mode("kron", "EXP", summary=__doc__.splitlines()[0], update_dense=exp_dense,
-                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",),
+                  metadata={"reference_dense": reference.exp_reference, "invariants": ("symmetric",)})
 
 
 def exp_dense(q, terms):

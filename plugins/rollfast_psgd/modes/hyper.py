@@ -5,13 +5,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import sym, whitening_error
 
 
 @rollfast.hookimpl
 def precondition(register):
     register.mode("kron", "HYPER", summary=__doc__.splitlines()[0], update_dense=hyper_dense,
-                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",),
+                  metadata={"reference_dense": reference.hyper_reference, "invariants": ("symmetric",)})
 
 
 def hyper_dense(q, terms):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import left_step, ns_spd
 
 
 @rollfast.hookimpl
 def precondition(register):
     register.mode("kron", "NS", summary=__doc__.splitlines()[0], update_dense=ns_dense,
-                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",),
+                  metadata={"reference_dense": reference.ns_reference, "invariants": ("symmetric", "spd")})
 
 
 def ns_dense(q, terms):

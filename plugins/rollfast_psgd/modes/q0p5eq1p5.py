@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import left_step, procrustes
 
 
@@ -10,7 +11,8 @@ from rollfast_psgd.linalg import left_step, procrustes
 def precondition(register):
     register.mode("kron", "Q0.5EQ1.5", summary=__doc__.splitlines()[0],
                   update_dense=q0p5eq1p5_dense, aliases=("Q0p5EQ1p5",),
-                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",),
+                  metadata={"reference_dense": reference.q0p5eq1p5_reference, "invariants": ()})
 
 
 def q0p5eq1p5_dense(q, terms):

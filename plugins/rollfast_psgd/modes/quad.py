@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import left_step, sym
 
 
 @rollfast.hookimpl
 def precondition(register):
     register.mode("kron", "QUAD", summary=__doc__.splitlines()[0], update_dense=quad_dense,
-                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",),
+                  metadata={"reference_dense": reference.quad_reference, "invariants": ("symmetric",)})
 
 
 def quad_dense(q, terms):

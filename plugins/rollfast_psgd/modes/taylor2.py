@@ -5,13 +5,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 import rollfast
+from rollfast_psgd import reference
 from rollfast_psgd.linalg import sym, whitening_error
 
 
 @rollfast.hookimpl
 def precondition(register):
     register.mode("kron", "TAYLOR2", summary=__doc__.splitlines()[0], update_dense=taylor2_dense,
-                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",))
+                  references=("Xi-Lin Li, Stochastic Hessian Fittings with Lie Groups, arXiv:2402.11858",),
+                  metadata={"reference_dense": reference.taylor2_reference, "invariants": ("symmetric",)})
 
 
 def taylor2_dense(q, terms):
