@@ -158,7 +158,7 @@ def _zero_leaf(shape, rank) -> ApolloLeaf:
 
 
 def _matrix_step(g, s, p, *, shape, count, mini, alpha, b1, b2, eps, norm_growth_limit):
-    """One matrix leaf: :math:`R_t = PG_t` (or :math:`G_tP^\top`), Adam's direction
+    r"""One matrix leaf: :math:`R_t = PG_t` (or :math:`G_tP^\top`), Adam's direction
     :math:`\tilde R_t` of its moments, the scaled gradient :math:`\tilde G_t = G_t\,\mathrm{diag}(s)`
     under the norm-growth limit, and :math:`u_t = \alpha\tilde G_t`."""
     m, n = shape

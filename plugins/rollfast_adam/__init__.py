@@ -108,7 +108,7 @@ def scale_by_adam(b1: Beta = 0.9, b2: Beta = 0.999, eps: NonNegative = 1e-8,
 
 
 def _moments(updates, state, *, b1, b2, keeps_mu):
-    """:math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t` (``g_t`` itself when ``b1 = 0``) and
+    r""":math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t` (``g_t`` itself when ``b1 = 0``) and
     :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2)|g_t|^2`, in each moment's dtype."""
     mu = (jax.tree.map(lambda g, m: (1 - b1) * _widen(g, m) + b1 * _widen(m, g), updates, state.mu)
           if keeps_mu else jax.tree.map(lambda g, v: _widen(g, v), updates, state.nu))
@@ -117,7 +117,7 @@ def _moments(updates, state, *, b1, b2, keeps_mu):
 
 
 def _direction(updates, mu, nu, *, count, b1, b2, eps, eps_root, nesterov):
-    """:math:`u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)` with the
+    r""":math:`u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)` with the
     bias-corrected moments (Nesterov's :math:`\hat m_t` when ``nesterov``)."""
     bc = optax.tree.bias_correction
     if nesterov:
