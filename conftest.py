@@ -7,5 +7,5 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 # The example plugins' own tests (the kit, as their authors run it in their repositories)
-# duplicate tests/test_kit.py, which runs the kit over every registered contribution.
+# duplicate tests/testing/test_kit.py, which runs the kit over every registered contribution.
 collect_ignore_glob = ["contrib/*/tests/*"]

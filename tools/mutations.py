@@ -44,9 +44,9 @@ class Mutation:
     what: str
 
 
-PIPE = "tests/test_kron_pipeline.py::test_whole_step_matches_float64_reference"
-KRON = "tests/test_kron.py"
-MODES = "tests/test_kron_modes.py"
+PIPE = "tests/psgd/test_kron_pipeline.py::test_whole_step_matches_float64_reference"
+KRON = "tests/psgd/test_kron.py"
+MODES = "tests/psgd/test_kron_modes.py"
 T = "plugins/rollfast_psgd/transform.py"
 F = "plugins/rollfast_psgd/factors.py"
 L = "plugins/rollfast_psgd/linalg.py"
@@ -60,7 +60,7 @@ MUTATIONS = [
     Mutation("kron-b1-for-beta-lipschitz", T, "UpdateConfig(spec, preconditioner_lr, beta_lipschitz,",
              "UpdateConfig(spec, preconditioner_lr, b1,", (PIPE,), "b1 passed where beta_lipschitz is expected"),
     Mutation("kron-update-probability", T, "do_update = (u_update < prob)", "do_update = (u_update < 1 - prob)",
-             (PIPE, "tests/test_kron_pipeline.py::test_realised_update_rate_at_probability_0_3"),
+             (PIPE, "tests/psgd/test_kron_pipeline.py::test_realised_update_rate_at_probability_0_3"),
              "update with probability 1 − p"),
     Mutation("kron-balance-probability", T, "u_balance < BALANCE_PROBABILITY", "u_balance > BALANCE_PROBABILITY",
              (PIPE,), "balance with probability 0.99"),
@@ -117,79 +117,79 @@ MUTATIONS = [
              "jnp.minimum(t1 / jnp.where(t2 < 0, t2, -1.0)", (MODES, PIPE), "Procrustes step rotates the wrong way"),
     # ---- prism
     Mutation("prism-momentum-beta", "plugins/rollfast_prism/transform.py", "b1 * m_prev + (1 - b1) * g",
-             "(1 - b1) * m_prev + b1 * g", ("tests/test_prism_reference.py", "tests/test_prism.py"),
+             "(1 - b1) * m_prev + b1 * g", ("tests/prism/test_prism_reference.py", "tests/prism/test_prism.py"),
              "β ↔ 1−β in PRISM's momentum"),
     Mutation("prism-nesterov-target", "plugins/rollfast_prism/transform.py",
-             "target = b1 * m + (1 - b1) * g\n", "target = m\n", ("tests/test_prism_reference.py", "tests/test_prism.py"),
+             "target = b1 * m + (1 - b1) * g\n", "target = m\n", ("tests/prism/test_prism_reference.py", "tests/prism/test_prism.py"),
              "Nesterov look-ahead dropped"),
     Mutation("prism-rounding-nearest", "plugins/rollfast_prism/transform.py",
              "return x.astype(dtype) if rounder is None else rounder.cast(x, dtype, key)",
-             "return x.astype(dtype)", ("tests/test_rounding.py", "tests/test_prism.py"),
+             "return x.astype(dtype)", ("tests/rounding/test_rounding.py", "tests/prism/test_prism.py"),
              "PRISM's momentum always rounded to nearest"),
     # ---- magma
     Mutation("magma-keep-inverted", "plugins/rollfast_magma/__init__.py",
              "jax.random.uniform(k_mask, (len(flat_u),)) < magma_p",
-             "jax.random.uniform(k_mask, (len(flat_u),)) > magma_p", ("tests/test_magma.py",),
+             "jax.random.uniform(k_mask, (len(flat_u),)) > magma_p", ("tests/magma/test_magma.py",),
              "a leaf kept with probability 1 − p"),
     Mutation("magma-score-decay", "plugins/rollfast_magma/__init__.py",
              "SCORE_DECAY * s + (1 - SCORE_DECAY) * jax.nn.sigmoid(cos / magma_tau)",
-             "(1 - SCORE_DECAY) * s + SCORE_DECAY * jax.nn.sigmoid(cos / magma_tau)", ("tests/test_magma.py",),
+             "(1 - SCORE_DECAY) * s + SCORE_DECAY * jax.nn.sigmoid(cos / magma_tau)", ("tests/magma/test_magma.py",),
              "β ↔ 1−β in the score EMA"),
     Mutation("magma-temperature", "plugins/rollfast_magma/__init__.py", "jax.nn.sigmoid(cos / magma_tau)",
-             "jax.nn.sigmoid(cos * magma_tau)", ("tests/test_magma.py",), "temperature multiplies"),
+             "jax.nn.sigmoid(cos * magma_tau)", ("tests/magma/test_magma.py",), "temperature multiplies"),
     # ---- schedule-free
     Mutation("sf-interpolation", "plugins/rollfast_schedule_free/__init__.py",
              "move = (1 - b_w) * (1 - c_w) * step + c_w * (z_old + step - y.astype(wide))",
              "move = b_w * (1 - c_w) * step + c_w * (z_old + step - y.astype(wide))",
-             ("tests/test_schedule_free.py",), "β ↔ 1−β in y = (1−β)z + βx"),
+             ("tests/schedule_free/test_schedule_free.py",), "β ↔ 1−β in y = (1−β)z + βx"),
     Mutation("sf-weight-off-by-one", "plugins/rollfast_schedule_free/__init__.py",
              "gamma = learning_rate(t) if callable", "gamma = learning_rate(t + 1) if callable",
-             ("tests/test_schedule_free.py",), "weights from the next step's learning rate"),
+             ("tests/schedule_free/test_schedule_free.py",), "weights from the next step's learning rate"),
     Mutation("sf-practical-weight", "plugins/rollfast_schedule_free/__init__.py",
-             '"practical": gamma * gamma,', '"practical": gamma,', ("tests/test_schedule_free.py",),
+             '"practical": gamma * gamma,', '"practical": gamma,', ("tests/schedule_free/test_schedule_free.py",),
              "practical weighting γ instead of γ²"),
     # ---- rounding
     Mutation("rounding-bf16-nearest", "plugins/rollfast_rounding/__init__.py",
              "noise = random_bits(key, x.shape) & jnp.uint32(0xFFFF)", "noise = jnp.full(x.shape, 0x8000, jnp.uint32)",
-             ("tests/test_rounding.py",), "stochastic bf16 rounding replaced by nearest"),
+             ("tests/rounding/test_rounding.py",), "stochastic bf16 rounding replaced by nearest"),
     Mutation("rounding-f16-threshold", "plugins/rollfast_rounding/__init__.py",
              "up = uniform * (b - a) < jnp.abs(x) - a", "up = uniform * (b - a) < b - jnp.abs(x)",
-             ("tests/test_rounding.py",), "float16 rounds up with the wrong probability"),
+             ("tests/rounding/test_rounding.py",), "float16 rounds up with the wrong probability"),
     # ---- clip (toolbox helpers used by the clip mask)
     Mutation("clip-permissive-inverted", "rollfast/toolbox.py", "return (ok if permissive else ok & ~spike), factor",
-             "return (ok & ~spike if permissive else ok), factor", ("tests/test_clip.py",),
+             "return (ok & ~spike if permissive else ok), factor", ("tests/clip/test_clip.py",),
              "permissive_spike_protection inverted"),
     Mutation("clip-rms-dropped-min", "rollfast/toolbox.py",
              "u = u * jnp.minimum(1.0, a_rms * scale / (rms + tiny)).astype(u.dtype)",
-             "u = u * (a_rms * scale / (rms + tiny)).astype(u.dtype)", ("tests/test_clip.py",),
+             "u = u * (a_rms * scale / (rms + tiny)).astype(u.dtype)", ("tests/clip/test_clip.py",),
              "RMS cap also scales small updates up"),
     Mutation("clip-cap-not-relative-to-lr", "plugins/rollfast_clip/__init__.py",
              "1.0 if lr is None else jnp.abs(jnp.asarray(lr, jnp.float32))", "1.0",
-             ("tests/test_clip.py",), "caps not scaled by the learning rate"),
+             ("tests/clip/test_clip.py",), "caps not scaled by the learning rate"),
     # ---- registry
     Mutation("registry-ties-last-wins", "rollfast/registry.py", "if new_rank > old_rank else",
-             "if new_rank >= old_rank else", ("tests/test_registry_order.py",), "between equals the last loaded wins"),
+             "if new_rank >= old_rank else", ("tests/core/test_registry_order.py",), "between equals the last loaded wins"),
     Mutation("registry-priority-first", "rollfast/registry.py",
              "new_rank = (record.provider.first_party, record.priority)\n"
              "            old_rank = (holder.provider.first_party, holder.priority)",
              "new_rank = (record.priority, record.provider.first_party)\n"
              "            old_rank = (holder.priority, holder.provider.first_party)",
-             ("tests/test_registry_order.py",), "priority ranks above first party"),
+             ("tests/core/test_registry_order.py",), "priority ranks above first party"),
     Mutation("registry-load-order", "rollfast/registry.py",
              "key=lambda ep: (ep.dist.name != FIRST_PARTY if ep.dist else True, ep.name))",
              "key=lambda ep: (ep.dist.name == FIRST_PARTY if ep.dist else True, ep.name))",
-             ("tests/test_registry_order.py",), "third-party entry points load first"),
+             ("tests/core/test_registry_order.py",), "third-party entry points load first"),
     # ---- assembly
     Mutation("assembly-mask-order", "rollfast/assembly.py", 'key=lambda r: r.metadata.get("order", 0)):',
-             'key=lambda r: -r.metadata.get("order", 0)):', ("tests/test_wrappers_compose.py", "tests/test_core.py"),
+             'key=lambda r: -r.metadata.get("order", 0)):', ("tests/core/test_wrappers_compose.py", "tests/core/test_core.py"),
              "masks wrapped in reverse order (clip outermost)"),
     Mutation("assembly-lr-default", "rollfast/assembly.py", 'routed[id(p)].setdefault("learning_rate", lr)',
-             'routed[id(p)].setdefault("learning_rate", 1.0)', ("tests/test_wrappers_compose.py", "tests/test_clip.py"),
+             'routed[id(p)].setdefault("learning_rate", 1.0)', ("tests/core/test_wrappers_compose.py", "tests/clip/test_clip.py"),
              "wrappers get learning rate 1 instead of the family's"),
     Mutation("assembly-first-taker-only", "rollfast/assembly.py",
              "        for p in takers:\n            routed[id(p)][option] = value",
              "        for p in takers[:1]:\n            routed[id(p)][option] = value",
-             ("tests/test_core.py", "tests/test_wrappers_compose.py"), "an option reaches only its first taker"),
+             ("tests/core/test_core.py", "tests/core/test_wrappers_compose.py"), "an option reaches only its first taker"),
 ]
 
 

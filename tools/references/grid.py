@@ -53,7 +53,7 @@ def jax_side(optimizers):
     import jax
     import optax
     from problems import PROBLEMS
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "contrib"))
     from test_references import LOSSES, train
 
     rows = {}

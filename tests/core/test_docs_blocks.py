@@ -1,7 +1,7 @@
 """Code blocks in docs/ that are files or commands cannot drift from the code.
 
 ``$ rollfast …`` lines of ``console`` blocks run; ``$ pip install -e D`` / ``$ pytest D``
-are accepted after ``$ rollfast new-plugin D …`` in the same block (tests/test_scaffold.py
+are accepted after ``$ rollfast new-plugin D …`` in the same block (tests/testing/test_scaffold.py
 installs and tests that package); a block after ``<!-- scaffold: KIND NAME [FAMILY] -> PATH -->``
 is part of the generated file PATH, one after ``<!-- same-as: PATH -->`` part of the
 repository file PATH; a ``toml`` block carries one of these markers.
@@ -18,7 +18,7 @@ import pytest
 from rollfast.cli import main
 from rollfast.scaffold import write_plugin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 BLOCK = re.compile(r"(?:<!-- (?P<marker>[a-z-]+): (?P<target>[^\n]*?) -->\n)?```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)```",
                    re.S)
@@ -64,7 +64,7 @@ def test_console_commands_run(block, tmp_path, monkeypatch, capsys):
     """Every ``$ rollfast …`` line runs with the exit code the block shows (``$ echo $?``
     after it, else 0). ``rollfast compare`` lines train models: their names are resolved
     here (a misspelt one shown as an error must fail), the runs themselves are
-    tests/test_compare.py's."""
+    tests/compare/test_compare.py's."""
     monkeypatch.chdir(tmp_path)
     generated, lines = set(), [ln for ln in block["body"].splitlines() if ln.startswith("$ ")]
     code = None

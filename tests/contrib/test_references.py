@@ -29,7 +29,7 @@ import optax
 import pytest
 import rollfast
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "references"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "references"
 
 
 # --- the problems, in JAX (the same as tools/references/harness.py's torch losses) ---

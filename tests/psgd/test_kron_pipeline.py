@@ -1,4 +1,4 @@
-"""kron's whole step against an independent float64 reference (tests/kron_reference.py)
+"""kron's whole step against an independent float64 reference (tests/psgd/kron_reference.py)
 while the preconditioner updates, under non-default values of every option that
 changes numbers; balancing, the realised update rate, skipped steps, and stochastic
 rounding of the stored momentum and factors."""
