@@ -84,15 +84,19 @@ def test_layout_of_factors():
 
 
 def test_probability_zero_never_moves_factors_and_clip_bounds_updates():
+    """P = 9I stays; the first update is -9g scaled to RMS exactly 2 (the default cap),
+    and a small gradient's update -9g is left as it is."""
     opt = rollfast.get("kron", learning_rate=1.0, preconditioner_update_probability=0.0,
                        preconditioner_init_scale=3.0)
     params = {"w": jnp.zeros((6, 5))}
     state = opt.init(params)
-    g = {"w": jnp.arange(30.0).reshape(6, 5) ** 2}
-    u, new = jax.jit(opt.update)(g, state, params)
+    g = np.arange(30.0).reshape(6, 5) ** 2
+    u, new = jax.jit(opt.update)({"w": jnp.asarray(g, jnp.float32)}, state, params)
     assert tree_equal(new.inner_state[0].qs, state.inner_state[0].qs)
-    rms = float(jnp.sqrt(jnp.mean(u["w"] ** 2)))
-    assert rms <= 2.0 + 1e-5 and float(jnp.max(jnp.abs(u["w"]))) <= 10.0
+    np.testing.assert_allclose(u["w"], -2.0 * g / np.sqrt(np.mean(g**2)), rtol=1e-5)
+    assert np.sqrt(np.mean(np.square(u["w"]))) == pytest.approx(2.0, rel=1e-5)
+    small, _ = jax.jit(opt.update)({"w": jnp.asarray(g * 1e-4, jnp.float32)}, state, params)
+    np.testing.assert_allclose(small["w"], -9.0 * g * 1e-4, rtol=1e-5)
 
 
 def test_global_rms_clip():
@@ -218,15 +222,90 @@ def test_bfloat16_params_and_state():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def relative_error(opt, params, loss, target, steps):
+    """``‖x − x*‖ / ‖x*‖`` over the whole tree after ``steps`` steps (one ``lax.scan``)."""
+    def step(carry, _):
+        p, s = carry
+        u, s = opt.update(jax.grad(loss)(p), s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    sq = lambda tree: sum(jnp.sum(x**2) for x in jax.tree.leaves(tree))
+    return jnp.sqrt(sq(jax.tree.map(jnp.subtract, p, target)) / sq(target))
+
+
+def best_sgd_error(params, loss, target, steps, stable_lr):
+    """The best relative error of plain SGD over a log grid of learning rates up to its
+    stability limit ``stable_lr`` (all rates in one vmapped program)."""
+    grid = jnp.asarray(stable_lr * np.logspace(-3, np.log10(0.95), 10), jnp.float32)
+    errors = jax.jit(jax.vmap(lambda lr: relative_error(optax.sgd(lr), params, loss, target, steps)))(grid)
+    return float(jnp.min(errors))
+
+
+def two_scale_quadratic(shape, leaf_scales=(1.0, 1e3), axis_condition=10.0, seed=0):
+    """Two leaves of ``shape``, ``x`` and ``y``, with loss ``½ Σ_k c_k (k − k*)ᵀ H (k − k*)``,
+    ``c = leaf_scales`` and ``H = H_1 ⊗ … ⊗ H_n`` over the axes: eigenvalues log-spaced
+    over ``[1, axis_condition]``, in a random basis along axes kron gives a dense factor,
+    permuted on the diagonal along the others. Returns ``(params, loss, target, 2/h_max)``."""
+    from rollfast_psgd.factors import layout
+
+    rng = np.random.default_rng(seed)
+    dims = shape or (1,)
+    hs = []
+    for d, dense in zip(dims, layout(dims, 8192, 1.0, 2, None)):
+        eig = np.logspace(0, np.log10(axis_condition), d)
+        basis = np.linalg.qr(rng.standard_normal((d, d)))[0] if dense else np.eye(d)[rng.permutation(d)]
+        hs.append(jnp.asarray((basis * eig) @ basis.T, jnp.float32))
+    target = {k: jnp.asarray(rng.standard_normal(shape), jnp.float32) for k in "xy"}
+
+    def curvature(d):
+        d = d.reshape(dims)
+        for i, h in enumerate(hs):
+            d = jnp.moveaxis(jnp.tensordot(h, d, axes=([1], [i])), 0, i)
+        return d.reshape(shape)
+
+    def loss(p):
+        return sum(0.5 * c * jnp.sum((p[k] - target[k]) * curvature(p[k] - target[k]))
+                   for k, c in zip("xy", leaf_scales))
+
+    h_max = max(leaf_scales) * axis_condition ** sum(d > 1 for d in dims)
+    return {k: jnp.zeros(shape) for k in "xy"}, loss, target, 2 / h_max
+
+
 @pytest.mark.parametrize("shape", [(), (5,), (4, 6), (1, 9), (9, 1), (2, 3, 4), (2, 3, 2, 3)],
                          ids=["scalar", "vector", "matrix", "1xN", "Nx1", "3d", "4d"])
-def test_leaf_shapes_train(shape):
-    target = {"x": jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)}
-    params = {"x": jnp.zeros(shape)}
-    opt = rollfast.get("kron", learning_rate=0.05, preconditioner_update_probability=1.0)
-    new, state, losses = rt.run(opt, params, rt.quadratic_loss(target), 60)
-    assert losses[-1] < 0.1 * losses[0]
-    assert all(bool(jnp.all(jnp.isfinite(q))) for q in jax.tree.leaves(state))
+def test_every_leaf_shape_beats_tuned_sgd(shape):
+    """On :func:`two_scale_quadratic` of each leaf shape (condition 1e3 between the leaves,
+    10 per axis), 100 steps of kron end at least 5× closer to the minimum than plain SGD
+    at its best learning rate (measured: kron 0.04–0.07, SGD 0.5–0.8)."""
+    params, loss, target, stable_lr = two_scale_quadratic(shape)
+    opt = rollfast.get("kron", learning_rate=0.03, preconditioner_update_probability=1.0)
+    error = float(jax.jit(lambda: relative_error(opt, params, loss, target, 100))())
+    sgd = best_sgd_error(params, loss, target, 100, stable_lr)
+    assert error < sgd / 5, (error, sgd)
+
+
+def patterned_normals(seeds, shapes):
+    """A stand-in for the probe draw of ``rollfast_psgd.transform._normals``: every array
+    is a fixed pseudo-random pattern of its index along the last two axes, so a leaf
+    draws the same probes alone, as a layer of a stack or scanned leaf (equal layers) and,
+    for its dense factors' ``(2, 32, d)`` probes, wherever it is in the tree."""
+    def pattern(shape):
+        grid = np.indices(shape[-2:] if len(shape) >= 2 else shape or (1,)).astype(np.float64)
+        phase = sum(c * x for c, x in zip((12.9898, 78.233), grid[::-1])) + 0.5
+        values = np.sqrt(2.0) * np.sin(phase * 43758.5453)
+        return jnp.asarray(np.broadcast_to(values.reshape(values.shape[-len(shape):] if shape else ()), shape),
+                           jnp.float32)
+
+    arrays = [pattern(tuple(s)) for s in shapes]
+    return lambda: arrays
+
+
+@pytest.fixture
+def same_probes(monkeypatch):
+    import rollfast_psgd.transform as transform
+
+    monkeypatch.setattr(transform, "_normals", patterned_normals)
 
 
 @pytest.fixture(scope="module")
@@ -254,11 +333,12 @@ def scanned():
 
 
 def test_scanned_layers_match_separate_leaves(scanned):
-    """Same math per layer; the leaves differ only in their random probes and bound keys."""
+    """Same math per layer, and the same draws: the three equal-shape leaves are fitted as
+    one stacked unit, with the noise shapes of the scanned leaf."""
     (us, state), (ul, _) = scanned["vmap"], scanned["separate"]
     assert [q.shape for q in state.inner_state[0].qs["w"]] == [(3, 4), (3, 3, 3)]
     for i in range(3):
-        np.testing.assert_allclose(us["w"][i], ul[f"w{i}"], rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(us["w"][i], ul[f"w{i}"], rtol=1e-6, atol=1e-9)
 
 
 def test_lax_map_scanned_layers_equals_vmap(scanned):
@@ -310,14 +390,28 @@ def test_axis_name_reductions_match_single_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_alternative_options_train():
-    target = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((5, 4)), jnp.float32)}
-    opt = rollfast.get("kron", learning_rate=0.05, track_lipschitz=False, whiten_grad=False,
-                       update_preconditioner_first=False, precond_update_precision="highest",
-                       precond_grads_precision="highest", preconditioner_update_probability=1.0)
-    _, state, losses = rt.run(opt, {"w": jnp.zeros((5, 4))}, rt.quadratic_loss(target), 60)
+def test_alternative_options_beat_tuned_adam(quadratic):
+    """Without Lipschitz tracking, preconditioning with the old factors and at the highest
+    precisions, kron still ends 5× below Adam at its best learning rate on the rotated
+    condition-1e4 quadratic (measured: 0.40 against 4.75)."""
+    params, loss, adam = quadratic
+    opt = rollfast.get("kron", learning_rate=0.03, track_lipschitz=False, update_preconditioner_first=False,
+                       precond_update_precision="highest", precond_grads_precision="highest",
+                       preconditioner_update_probability=1.0)
+    _, state, losses = rt.run(opt, params, loss, 200)
     assert state.inner_state[0].ls is None
-    assert losses[-1] < 0.1 * losses[0]
+    assert losses[-1] < adam / 5, (losses[-1], adam)
+
+
+def test_whitening_the_momentum_beats_tuned_sgd(quadratic):
+    """``whiten_grad=False`` fits P to the momentum: on the rotated condition-1e4 quadratic
+    it ends 5× below plain SGD at its best learning rate up to the stability limit
+    2/h_max = 2e-4 (measured: 16 against 145)."""
+    params, loss, _ = quadratic
+    opt = rollfast.get("kron", learning_rate=0.03, whiten_grad=False, preconditioner_update_probability=1.0)
+    final = rt.run(opt, params, loss, 200)[2][-1]
+    sgd = min(rt.run(optax.sgd(lr), params, loss, 200)[2][-1] for lr in (2e-6, 2e-5, 6e-5, 1.9e-4))
+    assert final < sgd / 5, (final, sgd)
 
 
 def test_probe_noise_is_standard_normal_and_keyed():
@@ -381,11 +475,11 @@ def test_packed_factor_update_equals_the_leaves_one_by_one(mode):
 
 
 @pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "TAYLOR2"])
-def test_small_leaves_packed_equal_the_leaves_one_by_one(mode):
-    """Vectors and scalars run as one packed unit; the numbers are per leaf as before
-    (up to the probe noise, which differs and is ~1e-7 relative for them). The matrix
-    ``w`` is not packed; its dense factors' norm bounds use random probes, which differ
-    between the two runs, so it only has to agree loosely."""
+def test_small_leaves_packed_equal_the_leaves_one_by_one(mode, same_probes):
+    """Vectors and scalars run as one packed unit; the numbers are per leaf as before.
+    With the same probes in both runs (``same_probes``) every leaf, the matrix ``w`` too,
+    agrees to float32 rounding (measured ≤ 1e-7 relative; with the library's own
+    draws, which differ between the runs, ``w`` differs by 2e-6)."""
     rng = np.random.default_rng(0)
     params = {"a": jnp.ones(5), "b": jnp.ones(()), "c": jnp.ones(3), "w": jnp.ones((4, 3))}
     opts = dict(learning_rate=0.1, mode=mode, preconditioner_update_probability=1.0,
@@ -399,9 +493,8 @@ def test_small_leaves_packed_equal_the_leaves_one_by_one(mode):
                  for k, p in params.items()}
         u, state = jax.jit(joint.update)(grads, state, params)
         for k in params:
-            uk, states[k] = alone[k].update({k: grads[k]}, states[k], {k: params[k]})
-            tol = dict(rtol=1e-3, atol=1e-6) if k == "w" else dict(rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(u[k], uk[k], **tol)
+            uk, states[k] = jax.jit(alone[k].update)({k: grads[k]}, states[k], {k: params[k]})
+            np.testing.assert_allclose(u[k], uk[k], rtol=1e-6, atol=1e-9)
 
 
 def test_empty_leaves_change_nothing():
@@ -416,8 +509,8 @@ def test_empty_leaves_change_nothing():
         u1, s1 = jax.jit(opt.update)(grads(params, t), s1, params)
         u2, s2 = jax.jit(opt.update)(grads(with_empty, t), s2, with_empty)
         assert u2["e"].shape == (0,) and u2["z"].shape == (0, 4)
-        for k in params:  # the noise stream differs; it is ~1e-7 relative here
-            np.testing.assert_allclose(u2[k], u1[k], rtol=1e-4)
+        for k in params:  # empty leaves draw no noise: the other leaves' draws are the same
+            np.testing.assert_allclose(u2[k], u1[k], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["EQ", "NS"])
@@ -451,10 +544,11 @@ def test_blocked_products_change_no_numbers(monkeypatch, mode):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_leaves_of_equal_shape_run_stacked_with_their_own_numbers():
+def test_leaves_of_equal_shape_run_stacked_with_their_own_numbers(same_probes):
     """Un-scanned leaves of one shape run as one stacked unit (one copy of the code); each
     keeps its own factors and its own RMS clip (gradients 1×, 10×, 100×, clip active), as
-    if it were alone, up to the probe noise."""
+    if it were alone. With the same probes (``same_probes``) the two are different
+    programs only: measured ≤ 1.2e-7 relative (library draws: 1.5e-6)."""
     from rollfast_psgd.factors import Packing
 
     plans = [(False, (True, True))] * 3 + [(False, (True, False))]
@@ -473,6 +567,6 @@ def test_leaves_of_equal_shape_run_stacked_with_their_own_numbers():
         u, state = jax.jit(joint.update)(grads, state, params)
         for k in params:
             uk, states[k] = jax.jit(alone[k].update)({k: grads[k]}, states[k], {k: params[k]})
-            np.testing.assert_allclose(u[k], uk[k], rtol=2e-3, atol=1e-6)
+            np.testing.assert_allclose(u[k], uk[k], rtol=1e-6, atol=1e-9)
     qs = jax.tree.leaves(state)
     assert sum(q.shape == (4,) for q in qs) == 3 and sum(q.shape == (3, 3) for q in qs) == 3
