@@ -254,28 +254,13 @@ def adamw8bit(learning_rate: LearningRate, b1: Beta = 0.9, b2: Beta = 0.999, eps
       Dettmers et al., *8-bit Optimizers via Block-wise Quantization*, ICLR 2022,
       https://arxiv.org/abs/2110.02861
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, rollfast
-      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
-      >>> def loss(params):
-      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
-      >>> opt = rollfast.get("adamw8bit", learning_rate=0.1, min_8bit_size=0)
-      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def train_step(params, state):
-      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> print(0, round(float(loss(params)), 4))
-      0 15.5
-      >>> for step in range(1, 41):
-      ...   params, state = train_step(params, state)
-      ...   if step % 10 == 0:
-      ...     print(step, round(float(loss(params)), 4))
-      10 5.2498
-      20 1.5147
-      30 0.2303
-      40 0.0612
+    >>> import jax.numpy as jnp, rollfast, rollfast.testing
+    >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+    >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)   # min 0
+    >>> opt = rollfast.get("adamw8bit", learning_rate=0.1, min_8bit_size=0)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, loss, steps=41)
+    >>> [round(x, 4) for x in losses[::10]]   # the loss every 10 steps
+    [15.5, 5.2498, 1.5147, 0.2303, 0.0612]
     """
     return decoupled(scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size), learning_rate,
                      weight_decay, weight_decay_mask)

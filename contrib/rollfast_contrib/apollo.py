@@ -236,28 +236,13 @@ def apollo(learning_rate: LearningRate, rank: Annotated[int, Nullable(POSITIVE_I
       Zhu et al., *APOLLO: SGD-like Memory, AdamW-level Performance*, MLSys 2025,
       https://arxiv.org/abs/2412.05270
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, rollfast
-      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
-      >>> def loss(params):
-      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
-      >>> opt = rollfast.get("apollo", learning_rate=0.05)
-      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def train_step(params, state):
-      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> print(0, round(float(loss(params)), 4))
-      0 15.5
-      >>> for step in range(1, 41):
-      ...   params, state = train_step(params, state)
-      ...   if step % 10 == 0:
-      ...     print(step, round(float(loss(params)), 4))
-      10 6.2724
-      20 1.8382
-      30 0.264
-      40 0.0163
+    >>> import jax.numpy as jnp, rollfast, rollfast.testing
+    >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+    >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)   # min 0
+    >>> opt = rollfast.get("apollo", learning_rate=0.05)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, loss, steps=41)
+    >>> [round(x, 4) for x in losses[::10]]   # the loss every 10 steps
+    [15.5, 6.2724, 1.8382, 0.264, 0.0163]
     """
     return decoupled(scale_by_apollo(rank, variant, scale, update_proj_gap, b1, b2, eps,
                                      norm_growth_limit, key),

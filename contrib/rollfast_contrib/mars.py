@@ -146,28 +146,13 @@ def mars(learning_rate: LearningRate, b1: Beta = 0.95, b2: Beta = 0.99, eps: Non
       Yuan et al., *MARS: Unleashing the Power of Variance Reduction for Training
       Large Models*, 2024, https://arxiv.org/abs/2411.10438
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, rollfast
-      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
-      >>> def loss(params):
-      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
-      >>> opt = rollfast.get("mars", learning_rate=0.05)
-      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def train_step(params, state):
-      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> print(0, round(float(loss(params)), 4))
-      0 15.5
-      >>> for step in range(1, 41):
-      ...   params, state = train_step(params, state)
-      ...   if step % 10 == 0:
-      ...     print(step, round(float(loss(params)), 4))
-      10 9.0029
-      20 5.0447
-      30 2.6025
-      40 1.0512
+    >>> import jax.numpy as jnp, rollfast, rollfast.testing
+    >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+    >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)   # min 0
+    >>> opt = rollfast.get("mars", learning_rate=0.05)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, loss, steps=41)
+    >>> [round(x, 4) for x in losses[::10]]   # the loss every 10 steps
+    [15.5, 9.0029, 5.0447, 2.6025, 1.0512]
     """
     return decoupled(scale_by_mars(b1, b2, eps, gamma, max_grad_norm, variant), learning_rate,
                      weight_decay, weight_decay_mask)

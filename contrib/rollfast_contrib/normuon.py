@@ -197,28 +197,13 @@ def normuon(learning_rate: LearningRate, b1: Beta = 0.95, b2: Beta = 0.95, eps: 
       Jordan et al., *Muon: An optimizer for hidden layers in neural networks*,
       2024, https://kellerjordan.github.io/posts/muon/
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, rollfast
-      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
-      >>> def loss(params):
-      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
-      >>> opt = rollfast.get("normuon", learning_rate=0.3)
-      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def train_step(params, state):
-      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> print(0, round(float(loss(params)), 4))
-      0 15.5
-      >>> for step in range(1, 41):
-      ...   params, state = train_step(params, state)
-      ...   if step % 10 == 0:
-      ...     print(step, round(float(loss(params)), 4))
-      10 7.6584
-      20 4.0204
-      30 1.2346
-      40 0.3689
+    >>> import jax.numpy as jnp, rollfast, rollfast.testing
+    >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+    >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)   # min 0
+    >>> opt = rollfast.get("normuon", learning_rate=0.3)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, loss, steps=41)
+    >>> [round(x, 4) for x in losses[::10]]   # the loss every 10 steps
+    [15.5, 7.6584, 4.0204, 1.2346, 0.3689]
     """
     return decoupled(scale_by_normuon(b1, b2, eps, ns_steps, neuron_axis, rms_scale, adam_b1,
                                       adam_b2, adam_eps),

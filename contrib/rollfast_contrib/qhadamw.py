@@ -117,28 +117,13 @@ def qhadamw(learning_rate: LearningRate, b1: Beta = 0.995, b2: Beta = 0.999, nu1
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019,
       https://arxiv.org/abs/1711.05101
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, rollfast
-      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
-      >>> def loss(params):
-      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
-      >>> opt = rollfast.get("qhadamw", learning_rate=0.05)
-      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def train_step(params, state):
-      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> print(0, round(float(loss(params)), 4))
-      0 15.5
-      >>> for step in range(1, 41):
-      ...   params, state = train_step(params, state)
-      ...   if step % 10 == 0:
-      ...     print(step, round(float(loss(params)), 4))
-      10 9.112
-      20 5.2823
-      30 2.936
-      40 1.5223
+    >>> import jax.numpy as jnp, rollfast, rollfast.testing
+    >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+    >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)   # min 0
+    >>> opt = rollfast.get("qhadamw", learning_rate=0.05)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, loss, steps=41)
+    >>> [round(x, 4) for x in losses[::10]]   # the loss every 10 steps
+    [15.5, 9.112, 5.2823, 2.936, 1.5223]
     """
     return decoupled(scale_by_qhadam(b1, b2, nu1, nu2, eps), learning_rate, weight_decay,
                      weight_decay_mask)

@@ -103,37 +103,22 @@ def magma(inner, *, first_moment=None, magma_p: Probability = 0.5, magma_tau: Po
       Joo, Xia, Kim, Zhang & Ie, *On Surprising Effectiveness of Masking Updates in
       Adaptive Optimizers*, 2026, https://arxiv.org/abs/2602.15322
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, rollfast
-      >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
-      >>> def loss(params):
-      ...   return sum(jnp.sum((params[k] - target[k]) ** 2) for k in params)
-      >>> opt = rollfast.get("adamw", learning_rate=0.4, mask="magma", key=0)
-      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def train_step(params, state):
-      ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-      ...   return optax.apply_updates(params, updates), state
-      >>> print(0, round(float(loss(params)), 4))
-      0 15.5
-      >>> for step in range(1, 41):
-      ...   params, state = train_step(params, state)
-      ...   if step % 10 == 0:
-      ...     print(step, round(float(loss(params)), 4))
-      10 9.5542
-      20 2.5167
-      30 0.3409
-      40 0.2807
+    >>> import jax.numpy as jnp, rollfast, rollfast.testing
+    >>> target = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.5, -1.0])}
+    >>> loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)   # min 0
+    >>> opt = rollfast.get("adamw", learning_rate=0.4, mask="magma", key=0)
+    >>> _, _, losses = rollfast.testing.run(opt, {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, loss, steps=41)
+    >>> [round(x, 4) for x in losses[::10]]   # the loss every 10 steps
+    [15.5, 9.5542, 2.5167, 0.3409, 0.2807]
 
-      With ``magma_p=1`` nothing is dropped and the first step shows the damping
-      alone: :math:`\cos = 1`, so :math:`s_1 = 0.9\cdot 0.5 + 0.1\,\sigma(1/2)`.
+    With ``magma_p=1`` nothing is dropped and the first step shows the damping
+    alone: :math:`\cos = 1`, so :math:`s_1 = 0.9\cdot 0.5 + 0.1\,\sigma(1/2)`.
 
-      >>> opt = rollfast.get("adamw", learning_rate=1.0, weight_decay=0.0, mask="magma", magma_p=1.0)
-      >>> p = {"w": jnp.ones(2)}
-      >>> u = opt.update({"w": jnp.array([1.0, -1.0])}, opt.init(p), p)[0]["w"]
-      >>> [round(float(x), 4) for x in u]
-      [-0.5122, 0.5122]
+    >>> opt = rollfast.get("adamw", learning_rate=1.0, weight_decay=0.0, mask="magma", magma_p=1.0)
+    >>> p = {"w": jnp.ones(2)}
+    >>> u = opt.update({"w": jnp.array([1.0, -1.0])}, opt.init(p), p)[0]["w"]
+    >>> [round(float(x), 4) for x in u]
+    [-0.5122, 0.5122]
     """
 
     return _masked(inner, first_moment=first_moment, magma_p=magma_p, magma_tau=magma_tau, key=key,
