@@ -285,3 +285,24 @@ def test_prism_auto_partition_sends_the_kernel_to_the_matrix_path():
     auto = grid_final(lambda lr: rollfast.get("prism", learning_rate=lr), "mixed", 3e-2)
     old = GRID["rollfast 0.2.1 prism"]["mixed"][GRID_LRS.index(3e-2)]
     assert 2 * old < auto < 3 * old, (auto, old)
+
+
+HEAVYBALL = ("heavyball PSGDKron 3.2.1", "heavyball PSGDPRO 3.2.1")
+KRON_DEFAULT = "rollfast kron (Q0.5EQ1.5, default)"
+
+
+@pytest.mark.parametrize("problem", ["lsq", "mixed", "mlp"])
+def test_kron_best_over_the_grid_is_within_1_5x_of_heavyball(problem):
+    """PSGD Kron (default mode, update probability 1) at its best learning rate of the
+    grid ends within 1.5× of the better of heavyball's PSGDKron and PSGDPRO, each at its
+    own best rate (200 steps; not bit-comparable: different probes, and heavyball's are
+    unseeded, its finals vary ~10% between runs). Measured ratios: lsq 1.30 (PSGDPRO 212,
+    ours 276), mixed 0.013, mlp 0.026. Only our best rate is run, read from the recorded
+    row, which this run must also reproduce (same key; 1e-3)."""
+    row = GRID[KRON_DEFAULT][problem]
+    lr = GRID_LRS[int(np.argmin(row))]
+    ours = grid_final(lambda lr: rollfast.get("kron", learning_rate=lr, preconditioner_update_probability=1.0),
+                      problem, lr)
+    np.testing.assert_allclose(ours, min(row), rtol=1e-3)
+    heavyball = min(min(GRID[name][problem]) for name in HEAVYBALL)
+    assert ours <= 1.5 * heavyball, (ours, heavyball)
