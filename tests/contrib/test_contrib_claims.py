@@ -71,16 +71,46 @@ def test_beats_tuned_sgd_on_an_axis_aligned_ill_conditioned_quadratic(variant, t
     assert final < tuned_sgd / 100, (final, tuned_sgd)
 
 
-@pytest.mark.xfail(strict=False, reason="SOAP diverges here: the loss rises from 1.0e4 at every learning rate "
-                                       "1e-4..1 (its second update is ~3400x the learning rate); a source bug")
-def test_soap_beats_tuned_adam_on_a_rotated_ill_conditioned_quadratic():
-    """SOAP runs Adam in the eigenbasis of its Kronecker factors: on a quadratic with
-    Kronecker-structured Hessian of condition 1e4 in random bases it must end 10× below
-    Adam at its best learning rate (0.25 after 200 steps)."""
-    params, loss = rt.ill_conditioned_quadratic(8, 1e4)
-    adam = min(rt.run(optax.adam(lr), params, loss, 200)[2][-1] for lr in (0.1, 0.3, 1.0))
-    final = rt.run(rollfast.get("soap", learning_rate=1e-3, weight_decay=0.0), params, loss, 200)[2][-1]
-    assert final < adam / 10, (final, adam)
+def kronecker_quadratic(rotated, dim=8, condition=1e4, seed=0):
+    """``½ tr((W−T)ᵀ A (W−T) B)``, a Hessian ``A ⊗ B`` of condition ``condition``
+    (eigenvalues log-spaced), with ``A, B`` in random orthogonal bases ``Q_A, Q_B``
+    (``rotated``, the problem of ``rollfast.testing.ill_conditioned_quadratic``) or
+    diagonal: the same problem seen in the coordinates ``Q_Aᵀ W Q_B``, so the start
+    ``W = 0`` and every loss are the same."""
+    rng = np.random.default_rng(seed)
+    bases = [np.linalg.qr(rng.standard_normal((dim, dim)))[0] for _ in range(2)]
+    eig = np.logspace(0, np.log10(condition) / 2, dim)
+    a, b = ((q * eig) @ q.T if rotated else np.diag(eig) for q in bases)
+    target = rng.standard_normal((dim, dim))
+    target = target if rotated else bases[0].T @ target @ bases[1]
+    a, b, target = (jnp.asarray(x, jnp.float32) for x in (a, b, target))
+
+    def loss(p):
+        d = p["w"] - target
+        return 0.5 * jnp.sum(d * (a @ d @ b))
+
+    return {"w": jnp.zeros((dim, dim))}, loss
+
+
+def test_soap_does_not_depend_on_the_basis_where_adam_does():
+    """SOAP is Adam in the eigenbasis of its Kronecker factors, which turn with the
+    parameters: rotating both sides of the matrix leaves it the same algorithm (in exact
+    arithmetic; in float32 the first real step's rounding noise differs, so the finals
+    differ by a small factor, measured 0.53 rotated, 0.80 diagonal at lr 0.1). Adam
+    is diagonal: on the diagonal problem it solves each coordinate (final loss ~3e-6),
+    on the rotated one it does 1e5× worse (0.25 at its best lr). From 1.03e4, 200 steps.
+
+    SOAP does not beat tuned Adam on the rotated problem: heavyball's SOAP with the same
+    options (betas 0.95, refresh every 10 steps, no decay) ends at 0.58 at its best lr
+    (0.1) and ours at 0.53; tuned Adam reaches 0.25 (docs/references.md)."""
+    soap = rollfast.get("soap", learning_rate=0.1, weight_decay=0.0)
+    final = {}
+    for rotated in (True, False):
+        params, loss = kronecker_quadratic(rotated)
+        final["soap", rotated] = rt.run(soap, params, loss, 200)[2][-1]
+        final["adam", rotated] = min(rt.run(optax.adam(lr), params, loss, 200)[2][-1] for lr in (0.1, 0.3, 1.0))
+    assert final["soap", True] < 2.0 and 1 / 3 < final["soap", True] / final["soap", False] < 3, final
+    assert final["adam", False] < 1e-3 * final["adam", True], final
 
 
 def test_mars_with_gamma_zero_is_adamw():

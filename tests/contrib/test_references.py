@@ -241,3 +241,68 @@ def test_soap_float64_under_x64():
             if dtype == jnp.float32:
                 single = losses
         np.testing.assert_allclose(losses, single, rtol=2e-3)
+
+
+# --- PRISM against rollfast 0.2.1, PSGD Kron against heavyball: tools/references/grid.py ---
+
+GRID = json.loads((FIXTURES / "grid.json").read_text())
+GRID_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+GRID_STEPS = 200
+
+
+def problem_data(problem):
+    fx = fixture(problem)
+    group = lambda prefix: {k[len(prefix):]: jnp.asarray(v) for k, v in fx.items() if k.startswith(prefix)}
+    return group("data/"), group("init/")
+
+
+def grid_final(make, problem, lr):
+    data, init = problem_data(problem)
+    return train(make(lr), problem, data, init, GRID_STEPS, 0)[0][-1]
+
+
+def matrices_only(path, leaf):
+    """rollfast 0.2.1's partition: every 2-D leaf (a ``16 × 1`` column too) is a matrix."""
+    from rollfast_partition import MatrixSpec
+    return MatrixSpec(0, 1) if leaf.ndim == 2 else None
+
+
+@pytest.mark.parametrize("problem", ["lsq", "mixed", "mlp"])
+def test_prism_with_the_old_partition_is_rollfast_021(problem):
+    """Given rollfast 0.2.1's partition, our PRISM is its PRISM: the final loss at
+    lr 1e-2 agrees to 1e-4 (measured ≤ 1e-5 on the three problems; at lr ≥ 3e-2 the
+    runs drift apart by float32 rounding, ≤ 12%)."""
+    ours = grid_final(lambda lr: rollfast.get("prism", learning_rate=lr, partition=matrices_only), problem, 1e-2)
+    np.testing.assert_allclose(ours, GRID["rollfast 0.2.1 prism"][problem][GRID_LRS.index(1e-2)], rtol=1e-4)
+
+
+def test_prism_auto_partition_sends_the_kernel_to_the_matrix_path():
+    """Pinned difference on ``mixed``: our ``auto`` partition views the (3, 3, 2, 4)
+    kernel as an 18 × 4 matrix, rollfast 0.2.1 sends every leaf of rank ≠ 2 to AdamW.
+    On that quadratic the kernel gets slower under PRISM (after 200 steps at lr 3e-2:
+    kernel term 0.31 vs 0.061, total 0.44 vs 0.188); with 0.2.1's partition the two
+    agree (previous test)."""
+    auto = grid_final(lambda lr: rollfast.get("prism", learning_rate=lr), "mixed", 3e-2)
+    old = GRID["rollfast 0.2.1 prism"]["mixed"][GRID_LRS.index(3e-2)]
+    assert 2 * old < auto < 3 * old, (auto, old)
+
+
+HEAVYBALL = ("heavyball PSGDKron 3.2.1", "heavyball PSGDPRO 3.2.1")
+KRON_DEFAULT = "rollfast kron (Q0.5EQ1.5, default)"
+
+
+@pytest.mark.parametrize("problem", ["lsq", "mixed", "mlp"])
+def test_kron_best_over_the_grid_is_within_1_5x_of_heavyball(problem):
+    """PSGD Kron (default mode, update probability 1) at its best learning rate of the
+    grid ends within 1.5× of the better of heavyball's PSGDKron and PSGDPRO, each at its
+    own best rate (200 steps; not bit-comparable: different probes, and heavyball's are
+    unseeded, its finals vary ~10% between runs). Measured ratios: lsq 1.30 (PSGDPRO 212,
+    ours 276), mixed 0.013, mlp 0.026. Only our best rate is run, read from the recorded
+    row, which this run must also reproduce (same key; 1e-3)."""
+    row = GRID[KRON_DEFAULT][problem]
+    lr = GRID_LRS[int(np.argmin(row))]
+    ours = grid_final(lambda lr: rollfast.get("kron", learning_rate=lr, preconditioner_update_probability=1.0),
+                      problem, lr)
+    np.testing.assert_allclose(ours, min(row), rtol=1e-3)
+    heavyball = min(min(GRID[name][problem]) for name in HEAVYBALL)
+    assert ours <= 1.5 * heavyball, (ours, heavyball)
