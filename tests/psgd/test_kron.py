@@ -203,10 +203,12 @@ def test_beats_adam_on_ill_conditioned_quadratic(mode, quadratic):
 
 
 @pytest.mark.parametrize("mode", slow_unless_default(MODES))
-def test_trains_an_mlp(mode):
+def test_trains_an_mlp_where_tuned_sgd_stalls(mode):
+    """100 steps on rollfast.testing's MLP: plain SGD at its best rate (0.1 of 0.01…3) ends at
+    0.28 from 1.26 (measured); kron at 0.03 ends below 0.02 in every mode (measured 5e-4 … 4e-3)."""
     params, loss = rt.mlp_problem()
-    losses = rt.run(rollfast.get("kron", learning_rate=3e-3, mode=mode), params, loss, 100)[2]
-    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+    losses = rt.run(rollfast.get("kron", learning_rate=0.03, mode=mode), params, loss, 100)[2]
+    assert losses[-1] < 0.02, (losses[0], losses[-1])
 
 
 def test_bfloat16_params_and_state():
@@ -219,7 +221,9 @@ def test_bfloat16_params_and_state():
     assert {x.dtype for x in jax.tree.leaves(inner.mu)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(inner.qs)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.bfloat16)}
-    assert losses[-1] < 0.5 * losses[0]
+    full = rt.run(rollfast.get("kron", learning_rate=3e-3), rt.mlp_problem()[0], loss, 60)[2]
+    # bf16 storage trains as float32 does (measured 0.2546 vs 0.2504 from 1.255)
+    assert losses[-1] < 0.25 * losses[0] and abs(losses[-1] - full[-1]) < 0.05 * full[-1], (losses[-1], full[-1])
 
 
 def relative_error(opt, params, loss, target, steps):

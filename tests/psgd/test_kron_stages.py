@@ -1,6 +1,7 @@
 """Each stage of the kron pipeline (rollfast_psgd.transform, rollfast_psgd.factors) against
 its equation in docs/kron.md, with float64 NumPy references on small problems."""
 
+import attrs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,6 +206,6 @@ def test_options_are_validated_once(bad, error, message):
 
 def test_options_record_is_frozen():
     options = KronOptions()
-    with pytest.raises(Exception):
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         options.b1 = 0.5
     assert FactorTerms._fields[:4] == ("t1", "t2", "eta", "bound")
