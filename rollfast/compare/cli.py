@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("rollfast-compare"),
                    help="directory for plots and JSON (default ./rollfast-compare); '-': the JSON "
                         "to stdout, the tables to stderr, no plots")
-    p.add_argument("--json", action="store_true", help=f"write OUT/compare.json ({report.SCHEMA})")
+    p.add_argument("--json", action="store_true",
+                   help=f"write OUT/compare.json ({report.SCHEMA}); with --out -, to stdout")
     return p
 
 

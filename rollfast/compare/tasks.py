@@ -35,11 +35,11 @@ DEFAULT_TASKS = ("digits-mlp", "lstsq", "charlm-small")
 # A family's rate on each built-in task without --lr/--tune: the best validation metric of
 # full-length seed-0 runs at 1e-4, 3e-4, ..., 1e-1 (docs/compare.md, "Learning rates").
 FAMILY_LEARNING_RATES: dict[str, dict[str, float]] = {
-    "digits-mlp": {},
-    "digits-cnn": {},
-    "lstsq": {},
-    "charlm": {},
-    "charlm-small": {},
+    "digits-mlp": {"adamw": 1e-2, "kron": 3e-3, "prism": 3e-2, "soap": 1e-2},
+    "digits-cnn": {"adamw": 1e-2, "kron": 1e-2, "prism": 1e-1, "soap": 3e-3},
+    "lstsq": {"adamw": 3e-2, "kron": 3e-2, "prism": 1e-2, "soap": 3e-3},
+    "charlm": {"adamw": 3e-3, "kron": 3e-3, "prism": 3e-2, "soap": 3e-3},
+    "charlm-small": {"adamw": 3e-3, "kron": 3e-3, "prism": 3e-2, "soap": 1e-2},
 }
 
 
