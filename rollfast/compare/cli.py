@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive(int), help="training steps (default: each task's own)")
     p.add_argument("--seeds", type=_positive(int), default=1, help="seeds per run; mean ± std (default 1)")
     p.add_argument("--tune", action="store_true",
-                   help="sweep the learning rate (task rate x 10^{-1,-1/2,0,1/2,1}) on short runs first")
+                   help="sweep the learning rate (family rate x 10^{-1,-1/2,0,1/2,1}) on short runs first")
     p.add_argument("--lr", action="append", default=[], metavar="[NAME=]LR",
                    help="learning rate of one optimizer (NAME=LR) or of all (LR); repeatable")
     p.add_argument("--budget", type=_positive(float), metavar="SECONDS",

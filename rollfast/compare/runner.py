@@ -42,7 +42,7 @@ from rollfast.compare.names import Spec
 from rollfast.compare.protocol import Task
 
 MAX_CHUNK = 50
-TUNE_GRID = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)  # multiples of the task's learning rate
+TUNE_GRID = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)  # multiples of the family's rate on the task
 TUNE_FRACTION = 4  # a sweep run trains steps / TUNE_FRACTION steps
 
 
