@@ -9,7 +9,8 @@ embeddings of width :math:`d`, ``layers`` blocks of causal multi-head self-atten
 and a GELU MLP of width :math:`4d`, each as :math:`h \leftarrow h + f(\mathrm{LN}(h))`,
 a final layer norm and an untied output projection; no biases (layer norms have a
 scale only), so every block has six parameter arrays. With the defaults
-(:math:`d = 96`, 2 layers, 4 heads, context 32) it has 237,600 parameters.
+(:math:`d = 96`, 2 layers, 4 heads, context 32) it has 237,600 parameters; the
+default run's ``charlm-small`` has one layer (126,816 parameters).
 
 Loss: mean next-character cross-entropy (nats) on minibatches of 16 windows of
 ``context + 1`` characters whose starts step :math:`t` draws with
@@ -108,7 +109,7 @@ def _next_char_loss(params, windows, heads: int):
 
 
 def charlm_task(steps: int = 150, width: int = 96, layers: int = 2, heads: int = 4,
-                context: int = 32) -> Task:
+                context: int = 32, name: str = "charlm") -> Task:
     """The ``charlm`` task (see the module docstring)."""
     ids, chars = encode()
     cut = int(0.9 * len(ids))
@@ -122,12 +123,12 @@ def charlm_task(steps: int = 150, width: int = 96, layers: int = 2, heads: int =
         return train[s[:, None] + offsets]
 
     return Task(
-        name="charlm", init=lambda key: init(key, len(chars), width, layers, context),
+        name=name, init=lambda key: init(key, len(chars), width, layers, context),
         loss=lambda params, windows: _next_char_loss(params, windows, heads), batch=batch,
         evaluate=lambda params: _next_char_loss(params, valid_windows, heads) / math.log(2),
         metric="validation bits/char", higher_is_better=False, steps=steps, learning_rate=3e-3,
         target=2.0,
-        description=(f"transformer d={width}, {layers} layers, {heads} heads, context {context}, "
+        description=(f"transformer d={width}, {layers} layer{'s' * (layers > 1)}, {heads} heads, context {context}, "
                      f"on Macbeth ({len(ids)} chars, vocabulary {len(chars)}), 90/10 split, "
                      f"batch {BATCH}; metric validation bits/char; target train loss 2.0 nats"))
 

@@ -7,6 +7,8 @@ Exit codes: 0 done (failed optimizers are results, not errors), 2 bad arguments
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +24,9 @@ DEFAULT_NAMES = ("adamw", "kron", "kron:EXP", "prism", "soap")
 EPILOG = """\
 names: FAMILY[:MODE][+WRAPPER...] or AVERAGE(NAME), e.g. adamw kron:EXP kron:EQ+magma
   prism:bidirectional optax:lion schedule_free(adamw) kron:kron_cayley:CAYLEY
-tasks: digits-mlp digits-cnn lstsq charlm (digits = both digits tasks), or module:function
-  returning a rollfast.compare.Task. See docs/compare.md."""
+tasks: digits-mlp digits-cnn lstsq charlm charlm-small (digits = both digits tasks, all =
+  every built-in task), or module:function returning a rollfast.compare.Task.
+See docs/compare.md."""
 
 
 HELP = "run optimizers side by side on built-in or your own tasks"
@@ -40,14 +43,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive(int), help="training steps (default: each task's own)")
     p.add_argument("--seeds", type=_positive(int), default=1, help="seeds per run; mean ± std (default 1)")
     p.add_argument("--tune", action="store_true",
-                   help="sweep the learning rate (task rate x 10^{-1,-1/2,0,1/2,1}) on short runs first")
+                   help="sweep the learning rate (family rate x 10^{-1,-1/2,0,1/2,1}) on short runs first")
     p.add_argument("--lr", action="append", default=[], metavar="[NAME=]LR",
                    help="learning rate of one optimizer (NAME=LR) or of all (LR); repeatable")
     p.add_argument("--budget", type=_positive(float), metavar="SECONDS",
                    help="training wall time per run: stop at the first chunk past it")
     p.add_argument("--out", type=Path, default=Path("rollfast-compare"),
-                   help="directory for plots and JSON (default ./rollfast-compare)")
-    p.add_argument("--json", action="store_true", help=f"write OUT/compare.json ({report.SCHEMA})")
+                   help="directory for plots and JSON (default ./rollfast-compare); '-': the JSON "
+                        "to stdout, the tables to stderr, no plots")
+    p.add_argument("--json", action="store_true",
+                   help=f"write OUT/compare.json ({report.SCHEMA}); with --out -, to stdout")
     return p
 
 
@@ -99,6 +104,9 @@ def _specs(names: list[str]):
 def main(argv: list[str]) -> int:
     """``rollfast compare ARGV``; returns the exit code (2 for a bad name or option)."""
     args = parser().parse_args(argv)
+    # LAPACK (the eigh and qr of SOAP and others) on one thread unless the user chose: on
+    # small matrices OpenBLAS's thread pool is 10-1000x slower when the cores are busy.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         return run(args, argv)
     except (UnknownNameError, ValueError) as exc:  # TaskError is a ValueError
@@ -114,14 +122,14 @@ def run(args, argv) -> int:
                       learning_rates=learning_rates(args.lr, [s.label for s in specs]),
                       budget=args.budget)
     task_list = [tasks.get_task(t) for t in options.tasks]
-    fancy = report.has("rich")
+    human = sys.stderr if _json_to_stdout(args) else sys.stdout
     w0, c0 = time.perf_counter(), time.process_time()
-    if fancy:
+    if report.has("rich"):
         from rich.console import Console
 
-        console = Console()
+        console = Console(file=human)
         if not console.is_terminal:
-            console = Console(width=report.WIDE)
+            console = Console(file=human, width=report.WIDE)
         with report.RichReporter(console) as reporter:
             results = compare(specs, task_list, options, reporter)
         for r in results:
@@ -129,14 +137,24 @@ def run(args, argv) -> int:
     else:
         results = compare(specs, task_list, options, report.PlainReporter())
         for r in results:
-            report.plain_table(r)
+            report.plain_table(r, file=human)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    print(f"total {wall:.1f} s wall, {cpu:.1f} s CPU")
-    _outputs(results, options, args, argv, wall, cpu)
+    print(f"total {wall:.1f} s wall, {cpu:.1f} s CPU", file=human)
+    _outputs(results, options, args, argv, wall, cpu, human)
     return 0
 
 
-def _outputs(results, options, args, argv, wall, cpu) -> None:
+def _json_to_stdout(args) -> bool:
+    return str(args.out) == "-"
+
+
+def _outputs(results, options, args, argv, wall, cpu, human) -> None:
+    if _json_to_stdout(args):
+        data = report.to_json(results, options, argv=argv, wall_s=wall, cpu_s=cpu)
+        print("plots: none with --out - (give a directory)", file=human)
+        json.dump(data, sys.stdout, indent=1, allow_nan=False, default=report.plain_json)
+        print()
+        return
     if report.has("matplotlib"):
         paths = [report.plot(r, args.out) for r in results]
         print("plots: " + ", ".join(str(p) for p in paths))

@@ -62,6 +62,11 @@ class Spec:
             out["average"] = self.averages[0]
         return out
 
+    @property
+    def family_name(self) -> str:
+        """The family's registry name (``Kron`` and ``psgd:kron`` are ``kron``)."""
+        return rollfast.registry().lookup("family", self.family).name
+
     def build(self, learning_rate):
         """The optimizer this name denotes, as one Optax transformation."""
         return rollfast.get(self.family, learning_rate=learning_rate, **self.options())

@@ -204,11 +204,12 @@ def to_json(results: list[TaskResult], options: Options, *, argv, wall_s: float,
 
 def write_json(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, allow_nan=False, default=_plain))
+    path.write_text(json.dumps(data, indent=1, allow_nan=False, default=plain_json))
     return path
 
 
-def _plain(x):
+def plain_json(x):
+    """``json.dump``'s ``default``: tuples (mean, std) as lists."""
     if isinstance(x, tuple):
         return list(x)
     raise TypeError(f"not JSON: {x!r}")
@@ -269,5 +270,5 @@ class RichReporter(Reporter):
             self.progress.update(self.bar, loss=f"[red]{run.status}")
 
 
-__all__ = ["SCHEMA", "HINT", "rows", "plain_table", "rich_table", "plot", "to_json", "write_json",
+__all__ = ["SCHEMA", "HINT", "rows", "plain_table", "rich_table", "plot", "to_json", "write_json", "plain_json",
            "PlainReporter", "RichReporter", "has"]

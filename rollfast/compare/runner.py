@@ -42,7 +42,7 @@ from rollfast.compare.names import Spec
 from rollfast.compare.protocol import Task
 
 MAX_CHUNK = 50
-TUNE_GRID = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)  # multiples of the task's learning rate
+TUNE_GRID = (0.1, 10**-0.5, 1.0, 10**0.5, 10.0)  # multiples of the family's rate on the task
 TUNE_FRACTION = 4  # a sweep run trains steps / TUNE_FRACTION steps
 
 
@@ -211,15 +211,17 @@ def failed(label: str, seed: int, learning_rate: float, exc: BaseException) -> R
 
 
 def tune(task: Task, compiled: Compiled, evaluate: Callable, *, label: str, steps: int,
-         grid=TUNE_GRID, progress=None) -> tuple[float, dict[float, float | None]]:
-    r"""The learning rate :math:`\eta_0 m` (:math:`\eta_0` = the task's rate, :math:`m` in
-    ``grid``) whose short run (``steps / TUNE_FRACTION``, seed 0) reaches the best
-    validation metric; diverged or failed rates score ``None``. Returns the rate and
-    every rate's score; if none succeeds, the task's rate."""
+         centre: float | None = None, grid=TUNE_GRID,
+         progress=None) -> tuple[float, dict[float, float | None]]:
+    r"""The learning rate :math:`\eta_0 m` (:math:`\eta_0` = ``centre``, default the task's
+    rate; :math:`m` in ``grid``) whose short run (``steps / TUNE_FRACTION``, seed 0)
+    reaches the best validation metric; diverged or failed rates score ``None``. Returns
+    the rate and every rate's score; if none succeeds, :math:`\eta_0`."""
+    centre = float(task.learning_rate if centre is None else centre)
     short = max(1, steps // TUNE_FRACTION)
     scores: dict[float, float | None] = {}
     for m in grid:
-        lr = float(task.learning_rate * m)
+        lr = float(centre * m)
         try:
             run = train(task, compiled, evaluate, label=label, seed=0, learning_rate=lr,
                         steps=short, progress=progress)
@@ -228,7 +230,7 @@ def tune(task: Task, compiled: Compiled, evaluate: Callable, *, label: str, step
             scores[lr] = None
     valid = {lr: s for lr, s in scores.items() if s is not None}
     if not valid:
-        return float(task.learning_rate), scores
+        return centre, scores
     sign = -1.0 if task.higher_is_better else 1.0
     return min(valid, key=lambda lr: sign * valid[lr]), scores
 

@@ -2,8 +2,8 @@
 table, the plots and the JSON.
 
 An optimizer's learning rate on a task is, in order of precedence: ``--lr NAME=LR``
-(or ``--lr LR`` for all), the best rate of the ``--tune`` sweep, the task's own rate
-(the same for every optimizer).
+(or ``--lr LR`` for all), the best rate of the ``--tune`` sweep (centred on the next),
+the task's rate for the optimizer's family (:meth:`Task.learning_rate_for`).
 """
 
 from __future__ import annotations
@@ -140,13 +140,13 @@ def run_entry(task: Task, spec: Spec, compiled, evaluate: Callable, options: Opt
     """Sweep the rate if asked, then run every seed of one compiled optimizer; failures
     become results."""
     lr = options.learning_rates.get(spec.label, options.learning_rates.get("*"))
-    chosen = lr if lr is not None else task.learning_rate
+    chosen = lr if lr is not None else task.learning_rate_for(spec.family_name)
     if isinstance(compiled, Exception):
         return Entry(spec, chosen, [runner.failed(spec.label, s, chosen, compiled)
                                     for s in range(options.seeds)])
     sweep = None
     if options.tune and lr is None:
-        chosen, sweep = _sweep(task, spec, compiled, evaluate, steps, reporter)
+        chosen, sweep = _sweep(task, spec, compiled, evaluate, steps, chosen, reporter)
     runs = []
     for seed in range(options.seeds):
         advance = reporter.run(task.name, spec.label, f"seed {seed}", steps)
@@ -161,12 +161,12 @@ def run_entry(task: Task, spec: Spec, compiled, evaluate: Callable, options: Opt
     return Entry(spec, chosen, runs, sweep)
 
 
-def _sweep(task, spec, compiled, evaluate, steps, reporter):
+def _sweep(task, spec, compiled, evaluate, steps, centre, reporter):
     short = max(1, steps // runner.TUNE_FRACTION)
     rounded = math.ceil(short / compiled.chunk) * compiled.chunk
     advance = reporter.run(task.name, spec.label, "tune", rounded * len(runner.TUNE_GRID))
     best, scores = runner.tune(task, compiled, evaluate, label=spec.label, steps=steps,
-                               progress=advance)
+                               centre=centre, progress=advance)
     reporter.end_run(None)
     return best, scores
 

@@ -12,6 +12,8 @@ given seed, so that only the optimizer differs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import os
 import sys
@@ -21,15 +23,29 @@ from rollfast.compare import charlm, digits, lstsq
 from rollfast.compare.protocol import Task
 from rollfast.errors import UnknownNameError
 
-BUILTIN: dict[str, Callable[..., Task]] = {"digits-mlp": digits.mlp_task, "digits-cnn": digits.cnn_task,
-                                           "lstsq": lstsq.lstsq_task, "charlm": charlm.charlm_task}
-GROUPS = {"digits": ("digits-mlp", "digits-cnn")}
-DEFAULT_TASKS = ("digits-mlp", "digits-cnn", "lstsq", "charlm")
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "digits-mlp": digits.mlp_task, "digits-cnn": digits.cnn_task, "lstsq": lstsq.lstsq_task,
+    "charlm": charlm.charlm_task,
+    "charlm-small": functools.partial(charlm.charlm_task, layers=1, name="charlm-small")}
+GROUPS = {"digits": ("digits-mlp", "digits-cnn"), "all": tuple(BUILTIN)}
+# The run with no --task: one task of each kind, sized so that five optimizers finish in
+# well under 3 minutes on 2 cores (compilation is most of it). `--task all` runs every one.
+DEFAULT_TASKS = ("digits-mlp", "lstsq", "charlm-small")
+
+# A family's rate on each built-in task without --lr/--tune: the best validation metric of
+# full-length seed-0 runs at 1e-4, 3e-4, ..., 1e-1 (docs/compare.md, "Learning rates").
+FAMILY_LEARNING_RATES: dict[str, dict[str, float]] = {
+    "digits-mlp": {"adamw": 1e-2, "kron": 3e-3, "prism": 3e-2, "soap": 1e-2},
+    "digits-cnn": {"adamw": 1e-2, "kron": 1e-2, "prism": 1e-1, "soap": 3e-3},
+    "lstsq": {"adamw": 3e-2, "kron": 3e-2, "prism": 1e-2, "soap": 3e-3},
+    "charlm": {"adamw": 3e-3, "kron": 3e-3, "prism": 3e-2, "soap": 3e-3},
+    "charlm-small": {"adamw": 3e-3, "kron": 3e-3, "prism": 3e-2, "soap": 1e-2},
+}
 
 
 def builtin_names() -> list[str]:
     """The built-in task names (and the group names that expand to several)."""
-    return [*DEFAULT_TASKS, *GROUPS]
+    return [*BUILTIN, *GROUPS]
 
 
 def get_task(name: str, steps: int | None = None) -> Task:
@@ -44,7 +60,8 @@ def get_task(name: str, steps: int | None = None) -> Task:
         return a :class:`Task`.
     """
     if name in BUILTIN:
-        return BUILTIN[name]().with_steps(steps)
+        task = dataclasses.replace(BUILTIN[name](), family_learning_rates=FAMILY_LEARNING_RATES[name])
+        return task.with_steps(steps)
     if ":" not in name:
         raise UnknownNameError("task", name, builtin_names(),
                                hint="built-in tasks: " + ", ".join(builtin_names())
@@ -84,4 +101,5 @@ def _load_user_task(ref: str) -> Task:
     return task
 
 
-__all__ = ["Task", "TaskError", "BUILTIN", "get_task", "expand", "builtin_names", "GROUPS", "DEFAULT_TASKS"]
+__all__ = ["Task", "TaskError", "BUILTIN", "get_task", "expand", "builtin_names", "GROUPS", "DEFAULT_TASKS",
+           "FAMILY_LEARNING_RATES"]

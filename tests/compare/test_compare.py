@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import math
 
 import jax
@@ -13,7 +15,7 @@ import pytest
 
 import rollfast
 from rollfast.cli import main
-from rollfast.compare import Options, Task, compare, get_task, parse, parse_all, report, runner
+from rollfast.compare import Options, Task, compare, get_task, parse, parse_all, report, runner, tasks
 from rollfast.compare.charlm import apply, charlm_task, encode, init
 from rollfast.compare.cli import learning_rates
 from rollfast.compare.tasks import TaskError
@@ -179,6 +181,31 @@ def test_tune_picks_the_best_rate_of_the_grid_and_scores_divergence_as_none():
     assert len(scores) == len(runner.TUNE_GRID)
 
 
+def test_each_family_runs_at_its_task_rate_unless_told_otherwise():
+    """``family_learning_rates`` sets a family's rate whatever its spelling or wrapper;
+    other families get the task's rate; ``--lr`` wins; ``--tune`` sweeps around it."""
+    task = dataclasses.replace(make_task(), steps=4, family_learning_rates={"sgd": 0.5})
+    specs = parse_all(["optax:sgd", "schedule_free(optax:sgd)", "adamw"])
+    options = Options(names=[s.label for s in specs], tasks=["quadratic"])
+    (result,) = compare(specs, [task], options)
+    assert [e.learning_rate for e in result.entries] == [0.5, 0.5, 0.3]
+    assert result.entries[0].runs[0].metric == pytest.approx(13 * 0.5**4, rel=1e-5)
+    told = dataclasses.replace(options, learning_rates={"optax:sgd": 0.25})
+    (result,) = compare(specs[:1], [task], told)
+    assert result.entries[0].learning_rate == 0.25
+    tuned = dataclasses.replace(options, tune=True)
+    (result,) = compare(specs[:1], [dataclasses.replace(task, steps=40)], tuned)
+    (entry,) = result.entries
+    assert sorted(entry.sweep) == pytest.approx([0.5 * m for m in sorted(runner.TUNE_GRID)])
+    assert entry.learning_rate == 0.5  # |1 - η| is smallest at 0.5 of 0.5·{0.1, …, 10}
+
+
+def test_builtin_family_rates_name_registered_families():
+    known = {r.name for r in rollfast.registry().records("family")}
+    for name, rates in tasks.FAMILY_LEARNING_RATES.items():
+        assert name in tasks.BUILTIN and set(rates) <= known and all(r > 0 for r in rates.values())
+
+
 # -- failures are results -----------------------------------------------------------
 
 @pytest.fixture
@@ -236,6 +263,25 @@ def test_user_task_through_the_cli_with_json_and_seeds(capsys, tmp_path, monkeyp
     assert len(sgd["runs"][0]["time_s"]) == 30
 
 
+def test_out_dash_writes_the_json_to_stdout_and_the_tables_to_stderr(capsys):
+    code, out, err = run_cli(capsys, "optax:sgd", "--task", "test_compare:make_task", "--steps", "10",
+                             "--lr", "0.5", "--out", "-")
+    assert code == 0 and "quadratic — 10 steps" in err and "quadratic — 10 steps" not in out
+    data = json.loads(out)
+    assert data["schema"] == report.SCHEMA
+    (entry,) = data["tasks"][0]["results"]
+    assert entry["summary"]["metric"][0] == pytest.approx(13 * 0.5**10, abs=1e-6)
+
+
+def test_lapack_runs_on_one_thread_unless_the_user_chose(capsys, monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    run_cli(capsys, "adamw", "kron:EPX")
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    run_cli(capsys, "adamw", "kron:EPX")
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2"
+
+
 def test_tune_through_the_cli_records_the_sweep(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "optax:sgd", "--task", "test_compare:make_task", "--tune",
                            "--steps", "300", "--out", str(tmp_path), "--json")
@@ -280,6 +326,17 @@ def test_builtin_tasks_start_where_theory_says():
     params = jax.jit(lm.init)(key)
     assert abs(float(jax.jit(lm.loss)(params, lm.batch(key, 0))) - math.log(vocab)) < 0.5
     assert float(jax.jit(lm.evaluate)(params)) == pytest.approx(math.log2(vocab), abs=0.75)
+
+
+def test_task_groups_and_the_small_default_language_model():
+    assert tasks.expand(["all"]) == list(tasks.BUILTIN)
+    assert tasks.expand(["digits", "digits-mlp", "lstsq"]) == ["digits-mlp", "digits-cnn", "lstsq"]
+    assert set(tasks.DEFAULT_TASKS) <= set(tasks.BUILTIN)
+    key = jax.random.PRNGKey(0)
+    sizes = {name: sum(x.size for x in jax.tree.leaves(jax.eval_shape(get_task(name).init, key)))
+             for name in ("charlm", "charlm-small")}
+    assert sizes == {"charlm": 237_600, "charlm-small": 126_816}  # one block of 110,784 fewer
+    assert get_task("charlm-small").name == "charlm-small"
 
 
 def test_charlm_is_causal():
