@@ -24,7 +24,7 @@ _force_devices()
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: long-running tests (run in CI)")
+    config.addinivalue_line("markers", "slow: long-running tests (a slow tier, deselect with -m 'not slow')")
 
 
 def pytest_report_header(config) -> str:

@@ -261,7 +261,6 @@ def test_sharded_equals_unsharded():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, plain)
 
 
-@pytest.mark.slow
 def test_beats_tuned_adamw_on_the_mlp_problem():
     """50 steps; adamw tuned over {0.03, 0.1, 0.3} (best: 0.1, loss ≈ 0.020);
     prism lr 0.2 (fallback at the same lr): original ≈ 0.0053, bidirectional ≈ 0.0046."""

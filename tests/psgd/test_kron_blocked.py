@@ -13,6 +13,9 @@ from rollfast_psgd.blocking import Tiling, matrix_view, piece_rule
 from rollfast_psgd.factors import UpdateConfig, mode_spec, update_factors
 
 MODES = [r.name for r in rollfast.available("mode", family="kron")]
+# Every mode runs the tile tests in the slow tier (`make test-all`); the default and the
+# triangular one (EQ) on every run.
+tier = lambda mode: () if mode in ("Q0.5EQ1.5", "EQ") else (pytest.mark.slow,)
 EXACT = dict(preconditioner_update_probability=1.0, preconditioner_init_scale=1.0,
              grad_clip_max_amps=(1e9, 1e9))
 
@@ -60,7 +63,7 @@ def test_at_most_block_size_is_the_unblocked_result_exactly():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=tier(m)) for m in MODES])
 def test_every_mode_blocked_equals_each_tile_as_its_own_leaf(mode):
     """A 96×64 leaf at block 32 and its six tiles as separate leaves draw the same
     probes (the six leaves are fitted as one stacked unit of the same shape), so the
@@ -101,7 +104,7 @@ def test_padded_tile_moves_as_its_valid_block(mode):
         np.testing.assert_allclose(float(big[1][i]), float(small[1][i]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode, shape, block", [(m, (75, 175), 32) for m in MODES]
+@pytest.mark.parametrize("mode, shape, block", [pytest.param(m, (75, 175), 32, marks=tier(m)) for m in MODES]
                          + [("Q0.5EQ1.5", (300, 700), 128)])
 def test_padding_stays_zero_and_output_is_finite(mode, shape, block):
     """Edge tiles (e.g. 300×700 at block 128: valid 44×60) and a row strip (100 valid rows
@@ -160,7 +163,6 @@ def relative_error(opt, loss, w_star, steps=300):
     return float(jnp.linalg.norm(w - w_star) / jnp.linalg.norm(w_star))
 
 
-@pytest.mark.slow
 def test_blocked_kron_converges_like_kron_on_block_diagonal_curvature():
     loss, w_star = block_diagonal_least_squares()
     kron = relative_error(rollfast.get("kron", learning_rate=0.03), loss, w_star)
