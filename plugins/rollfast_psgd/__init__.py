@@ -108,13 +108,12 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          max_skew_triangular=1.0, min_ndim_triangular=2, memory_save_mode=None, whiten_grad=True,
          update_preconditioner_first=True, preconditioner_lr=0.1, preconditioner_init_scale=None, mu_dtype=None,
          precond_dtype=None, precond_update_precision="tensorfloat32", precond_grads_precision=None,
-         scanned_layers=None, lax_map_scanned_layers=False, lax_map_batch_size=8, mode="Q0.5EQ1.5",
-         beta_lipschitz=0.9, track_lipschitz=True, damping=1e-9, grad_clip_max_amps=(2.0, 10.0),
-         grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None, permissive_spike_protection=True,
-         newton_schulz_iters=5, axis_name=None, round="nearest", key=42, block_size=None,
-         max_size_dense=16384, tile_stack_multiple=1, normalize_grads=False, lr_style=None):
-    r"""PSGD Kron: momentum preconditioned by a Kronecker-factored :math:`P = Q^TQ`, each
-    factor :math:`Q_i` fitted online by the ``mode`` (:func:`scale_by_kron`, ``docs/kron.md``):
+         scanned_layers=None, lax_map_scanned_layers=False, lax_map_batch_size=8, mode="Q0.5EQ1.5", beta_lipschitz=0.9,
+         track_lipschitz=True, damping=1e-9, grad_clip_max_amps=(2.0, 10.0), grad_clip_mode="per_tensor_rms",
+         raw_global_grad_clip=None, permissive_spike_protection=True, newton_schulz_iters=5, axis_name=None,
+         round="nearest", key=42, block_size=None, max_size_dense=16384, tile_stack_multiple=1, normalize_grads=False,
+         lr_style=None):
+    r"""PSGD Kron: momentum preconditioned by :math:`P = Q^TQ`, each :math:`Q_i` fitted online by the ``mode``:
 
     .. math::
         \theta_{t+1} = \theta_t - \alpha_t\bigl(\operatorname{clip}(P m_t) + \lambda\theta_t\bigr),\quad
@@ -126,38 +125,34 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       weight_decay: decoupled weight decay λ (float or schedule).
       weight_decay_mask: pytree or callable ``params -> bool pytree``: where to decay.
       preconditioner_update_probability: float or schedule ``step -> p`` (:func:`precond_update_prob_schedule`).
-      max_size_triangular: axes longer than this get a diagonal factor.
-      max_skew_triangular: an axis with ``d² > max_skew_triangular · n`` gets a diagonal factor.
-      min_ndim_triangular: leaves with fewer axes get only diagonal factors.
+      max_size_triangular, max_skew_triangular, min_ndim_triangular: an axis gets a diagonal factor
+        when longer than the first, when ``d² > max_skew_triangular · n``, or in a leaf of fewer axes than the third.
       memory_save_mode: ``None``, ``"one_diag"`` (largest axis diagonal) or ``"all_diag"``.
       whiten_grad: fit P to the gradient (True) or to the momentum (False, needs ``b1 > 0``).
       update_preconditioner_first: precondition with this step's updated factors.
       preconditioner_lr: base step η₀ of the factor updates.
       preconditioner_init_scale: initial ``s`` of ``P = s²I``; ``None``: from the first gradient.
-      mu_dtype: momentum storage dtype (``None``: float32).
-      precond_dtype: factor storage dtype (``None``: float32).
-      precond_update_precision: matmul precision of the factor updates.
-      precond_grads_precision: matmul precision of ``P·m`` (``None``: JAX default).
+      mu_dtype, precond_dtype: storage dtypes of the momentum and of the factors (``None``: float32).
+      precond_update_precision, precond_grads_precision: matmul precisions of the factor updates and
+        of ``P·m`` (``None``: JAX's default).
       scanned_layers: bool pytree (or ``params -> pytree``) of leaves stacked on axis 0.
-      lax_map_scanned_layers: map scanned layers with ``lax.map`` instead of ``vmap``.
-      lax_map_batch_size: ``lax.map`` batch size (``<= 1``: unbatched).
+      lax_map_scanned_layers, lax_map_batch_size: map scanned layers with ``lax.map`` in batches of
+        this size (``<= 1``: unbatched) instead of ``vmap``.
       mode: the factor geometry, a registered kron mode (``rollfast list``).
-      beta_lipschitz: decay of the Lipschitz estimate ``L``.
-      track_lipschitz: normalise by the running ``L`` (True) or by this update's bound.
+      beta_lipschitz, track_lipschitz: decay of the Lipschitz estimate ``L``; normalise by the running
+        ``L`` (True) or by this update's bound.
       damping: probe noise floor δ, added to ``G_i(Ph)``, and in the init-scale estimate.
-      grad_clip_max_amps: ``(rms, elementwise)`` update caps; a number ``a`` is ``(a, 10.0)``.
-      grad_clip_mode: ``"per_tensor_rms"`` or ``"global_rms"``.
+      grad_clip_max_amps, grad_clip_mode: ``(rms, elementwise)`` update caps (a number ``a`` is ``(a, 10.0)``),
+        ``"per_tensor_rms"`` or ``"global_rms"``.
       raw_global_grad_clip: spike threshold ``c`` on the raw gradient's global L2 norm.
       permissive_spike_protection: a spike is rescaled to norm ``c`` (True) or skipped (False).
       newton_schulz_iters: NS's reference iteration count (it runs at most ``+ 40``).
       axis_name: mapped axis over which statistics are averaged and bounds maxed.
       round: rounding rule for bfloat16 ``mu_dtype`` / ``precond_dtype`` storage.
       key: int seed or PRNG key; all randomness flows from it.
-      block_size: ``None``, or the side of blocked factors' tiles and strips (``docs/scale.md``).
-      max_size_dense: with ``block_size``: longest side that is tiled (longer: strips, diagonals).
-      tile_stack_multiple: pad the tile stack to a multiple of this (the sharding mesh axis' size).
-      normalize_grads: divide each leaf's gradient by its Frobenius norm (+1e-6) first.
-      lr_style: ``None`` or ``"adam"`` (update RMS capped at 1.1, then divided by 5).
+      block_size, max_size_dense, tile_stack_multiple: tile side of blocked factors (``None``: unblocked);
+        longest side tiled (longer: strips, diagonals); tile stack padded to a multiple of this (mesh axis size).
+      normalize_grads, lr_style: grads divided by their Frobenius norm (+1e-6); ``"adam"``: RMS capped at 1.1, /5.
 
     Returns:
       ``optax.chain(scale_by_kron(...), add_decayed_weights, scale_by_learning_rate)``.
@@ -174,7 +169,7 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
     >>> [round(x, 3) for x in losses[::10]]   # the loss every 10 steps
     [3.0, 1.822, 1.279, 1.067, 0.934]
     """
-    scale = scale_by_kron(b1=b1, preconditioner_update_probability=preconditioner_update_probability,
+    return optax.chain(scale_by_kron(b1=b1, preconditioner_update_probability=preconditioner_update_probability,
         max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
         min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode, whiten_grad=whiten_grad,
         update_preconditioner_first=update_preconditioner_first, preconditioner_lr=preconditioner_lr,
@@ -186,9 +181,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
         axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
-        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style)
-    return optax.chain(scale, optax.add_decayed_weights(weight_decay, weight_decay_mask),
-                       optax.scale_by_learning_rate(learning_rate))
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask), optax.scale_by_learning_rate(learning_rate))
 
 
 __all__ = ["kron", "scale_by_kron", "precond_update_prob_schedule", "KronOptions", "KronState", "REFERENCES"]
