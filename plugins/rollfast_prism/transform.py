@@ -1,6 +1,6 @@
 r"""``scale_by_prism``: momentum, innovation and spectral shaping of matrix leaves, as stages.
 
-Per matrix leaf with gradient :math:`g` (float32), stored momentum :math:`M_{prev}` and
+Per matrix leaf with gradient :math:`g` (float32; float64 for float64 params), stored momentum :math:`M_{prev}` and
 step count :math:`t` (after increment), one step runs these stages in order:
 
 .. math::
@@ -174,7 +174,7 @@ def update_matrices(updates, state, params, specs, opts: PrismOptions):
     decay = decay_terms(params, mat, treedef, state.count, opts)
 
     def step(grads, state):  # the spike's rescaling fuses into the momentum's pass
-        grads = [g.astype(jnp.float32) for g in grads]
+        grads = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in grads]  # float64 stays
         if factor is not None:
             grads = [g * factor for g in grads]
         return prism_step(grads, state, mat=mat, specs=flat_specs, treedef=treedef, decay=decay, opts=opts)
@@ -198,7 +198,7 @@ def prism_step(grads, state, *, mat, specs, treedef, decay, opts: PrismOptions):
     t = count.astype(jnp.float32)
     out, new_mu = [], list(flat_mu)
     for i, g in zip(mat, grads):
-        m = momentum(flat_mu[i].astype(jnp.float32), g, opts.b1)
+        m = momentum(flat_mu[i].astype(g.dtype), g, opts.b1)
         o = shape_leaf(specs[i], target(m, g, t, opts), g - m, g, opts)
         out.append(o if decay[i] is None else o + decay[i])
         new_mu[i] = write_momentum(m, opts.mu_dtype, opts.rounder, write_keys[i])
@@ -271,8 +271,8 @@ def shape_matrix(t, d, g, opts: PrismOptions):
 
 
 def decay_terms(params, mat, treedef, count, opts: PrismOptions) -> list:
-    r"""Per flattened leaf, the decoupled decay term :math:`\lambda_t\,\theta` (float32)
-    on masked-in matrix leaves, ``None`` elsewhere (everywhere when :math:`\lambda = 0`).
+    r"""Per flattened leaf, the decoupled decay term :math:`\lambda_t\,\theta` (float32,
+    float64 for float64 params) on masked-in matrix leaves, ``None`` elsewhere (everywhere when :math:`\lambda = 0`).
 
     :math:`\lambda_t` is ``weight_decay``, or ``weight_decay(count)`` with the count
     before this step when it is a schedule."""
@@ -285,7 +285,8 @@ def decay_terms(params, mat, treedef, count, opts: PrismOptions) -> list:
     mask = mask(params) if callable(mask) else mask
     flat_mask = [True] * n if mask is None else treedef.flatten_up_to(mask)
     flat_params = treedef.flatten_up_to(params)
-    return [lam * flat_params[i].astype(jnp.float32) if i in mat and flat_mask[i] else None
+    return [lam * flat_params[i].astype(jnp.promote_types(flat_params[i].dtype, jnp.float32))
+            if i in mat and flat_mask[i] else None
             for i in range(n)]
 
 

@@ -107,17 +107,8 @@ def x64_results():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-KNOWN_X64 = {
-    "soap": "fixed on the refs branch",
-    "prism": "prism's matrix path computes and returns float32 (plugins/rollfast_prism is being "
-             "refactored on another branch)",
-}
-
-
 @pytest.mark.parametrize("name", FIRST_PARTY_AND_CONTRIB)
 def test_float64_params_get_float64_updates_under_x64(x64_results, name):
-    if name in KNOWN_X64:
-        pytest.xfail(KNOWN_X64[name])
     result = x64_results[name]
     assert "error" not in result, result
     assert result == {"m": "float64", "v": "float64", "h": "float32", "finite": True}
