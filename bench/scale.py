@@ -59,6 +59,7 @@ def memory_table() -> None:
     variants = [("optax.adamw", None),
                 ("kron unblocked", dict()),
                 ("kron block 256", dict(block_size=256)),
+                ("kron block 256, max_size_dense 32768", dict(block_size=256, max_size_dense=32768)),
                 ("kron block 256, bf16 mu + factors", dict(block_size=256, mu_dtype=jnp.bfloat16,
                                                             precond_dtype=jnp.bfloat16))]
     print("| model | optimizer | state GB | bytes / param | × adamw | dense both sides |")
@@ -112,7 +113,7 @@ def stack_table() -> None:
 
 
 def dense_table() -> None:
-    sys.path.insert(0, "tests")
+    sys.path.insert(0, "tests/psgd")
     from test_kron_blocked import _spd, relative_error
     k = jax.random.split(jax.random.PRNGKey(0), 3)
     a, b, w_star = _spd(k[0], 384, 100.0), _spd(k[1], 256, 100.0), jax.random.normal(k[2], (384, 256))
