@@ -1,7 +1,7 @@
 """Planted-bug check: apply plausible one-line bugs to a scratch copy of the source, run
 the tests that should notice each, and print a markdown table of who killed what.
 
-Run by hand or from a scheduled job (not on every CI run; all 48 took about 7 minutes
+Run by hand or from a scheduled job (not on every CI run; all 49 took about 7 minutes
 on 2 shared cores, 3-32 s each)::
 
     python tools/mutations.py                  # every mutation
@@ -161,6 +161,10 @@ MUTATIONS = [
     Mutation("clip-permissive-inverted", "rollfast/toolbox.py", "return (ok if permissive else ok & ~spike), factor",
              "return (ok & ~spike if permissive else ok), factor", ("tests/clip/test_clip.py",),
              "permissive_spike_protection inverted"),
+    Mutation("policy-guard-dropped", "rollfast/policy.py",
+             "            updates, new = run_unless_skipped(ok, step, updates, state)\n        else:",
+             "            updates, new = step(updates, state)\n        else:", ("tests/core/test_nonfinite.py",),
+             "the core's non-finite policy runs a jitted step whatever the gradient"),
     Mutation("clip-rms-dropped-min", "rollfast/toolbox.py",
              "u = u * jnp.minimum(1.0, a_rms * scale / (rms + tiny)).astype(u.dtype)",
              "u = u * (a_rms * scale / (rms + tiny)).astype(u.dtype)", ("tests/clip/test_clip.py",),
