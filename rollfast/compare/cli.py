@@ -7,7 +7,6 @@ Exit codes: 0 done (failed optimizers are results, not errors), 2 bad arguments
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -152,8 +151,7 @@ def _outputs(results, options, args, argv, wall, cpu, human) -> None:
     if _json_to_stdout(args):
         data = report.to_json(results, options, argv=argv, wall_s=wall, cpu_s=cpu)
         print("plots: none with --out - (give a directory)", file=human)
-        json.dump(data, sys.stdout, indent=1, allow_nan=False, default=report.plain_json)
-        print()
+        print(report.json_text(data))
         return
     if report.has("matplotlib"):
         paths = [report.plot(r, args.out) for r in results]

@@ -202,14 +202,18 @@ def to_json(results: list[TaskResult], options: Options, *, argv, wall_s: float,
             "tasks": tasks}
 
 
+def json_text(data: dict) -> str:
+    """``data`` (from :func:`to_json`) as JSON text; (mean, std) tuples become lists."""
+    return json.dumps(data, indent=1, allow_nan=False, default=_plain)
+
+
 def write_json(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, allow_nan=False, default=plain_json))
+    path.write_text(json_text(data))
     return path
 
 
-def plain_json(x):
-    """``json.dump``'s ``default``: tuples (mean, std) as lists."""
+def _plain(x):
     if isinstance(x, tuple):
         return list(x)
     raise TypeError(f"not JSON: {x!r}")
@@ -270,5 +274,5 @@ class RichReporter(Reporter):
             self.progress.update(self.bar, loss=f"[red]{run.status}")
 
 
-__all__ = ["SCHEMA", "HINT", "rows", "plain_table", "rich_table", "plot", "to_json", "write_json", "plain_json",
+__all__ = ["SCHEMA", "HINT", "rows", "plain_table", "rich_table", "plot", "to_json", "json_text", "write_json",
            "PlainReporter", "RichReporter", "has"]

@@ -29,14 +29,20 @@ def run_updates(opt, params, grads):
     return out
 
 
-def check(opt, reference, shapes, steps, seed=0):
+def runs(opt, reference, shapes, steps, seed):
+    """Per leaf ``(name, θ, the library's updates, the reference's directions)``, on the
+    same float32 gradients and starting parameters."""
     grads = grads_sequence(shapes, steps, seed)
     params = {k: v.astype(np.float32) for k, v in grads_sequence(shapes, 1, seed + 1)[0].items()}
     got = run_updates(opt, jax.tree.map(jnp.asarray, params), grads)
     for name in shapes:
-        theta = params[name].astype(np.float64)
         want = reference([g[name].astype(np.float64) for g in grads])
-        for t, (u, d) in enumerate(zip((s[name] for s in got), want)):
+        yield name, params[name].astype(np.float64), [s[name] for s in got], want
+
+
+def check(opt, reference, shapes, steps, seed=0):
+    for name, theta, got, want in runs(opt, reference, shapes, steps, seed):
+        for t, (u, d) in enumerate(zip(got, want)):
             np.testing.assert_allclose(u, -LR * (d + WD * theta), rtol=RTOL, atol=ATOL,
                                        err_msg=f"{name}, step {t + 1}")
 
@@ -288,14 +294,9 @@ def descending_eigh(a):
 
 
 def check_soap(opt, reference, shapes, steps, seed=0):
-    grads = grads_sequence(shapes, steps, seed)
-    params = {k: v.astype(np.float32) for k, v in grads_sequence(shapes, 1, seed + 1)[0].items()}
-    got = run_updates(opt, jax.tree.map(jnp.asarray, params), grads)
-    for name in shapes:
-        theta = params[name].astype(np.float64)
-        want = reference([g[name].astype(np.float64) for g in grads])
-        np.testing.assert_array_equal(got[0][name], 0.0)
-        for t, (u, d) in enumerate(zip((s[name] for s in got[1:]), want), 2):
+    for name, theta, got, want in runs(opt, reference, shapes, steps, seed):
+        np.testing.assert_array_equal(got[0], 0.0)
+        for t, (u, d) in enumerate(zip(got[1:], want), 2):
             np.testing.assert_allclose(u, -LR * d - LR * WD * (theta - LR * d), rtol=RTOL, atol=ATOL,
                                        err_msg=f"{name}, step {t}")
 

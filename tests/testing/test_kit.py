@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from rollfast_partition import MatrixSpec
+from rollfast_psgd.modes.exp import exp_dense
+from rollfast_psgd.reference import exp_reference
 
 import rollfast
 import rollfast.testing as rt
@@ -84,30 +86,18 @@ def test_sharded_check(key):
 
 
 # ------------------------------------------------------------------ wrong modes
-def _exp_dense(q, terms):
-    from rollfast_psgd.modes.exp import exp_dense
-
-    return exp_dense(q, terms)
-
-
-def _exp_reference(q, terms):
-    from rollfast_psgd.reference import exp_reference
-
-    return exp_reference(q, terms)
-
-
 WRONG = {
     # the float64 reference is off by 0.1 %
-    "OFF": dict(update_dense=_exp_dense,
-                metadata={"reference_dense": lambda q, t: 1.001 * _exp_reference(q, t),
+    "OFF": dict(update_dense=exp_dense,
+                metadata={"reference_dense": lambda q, t: 1.001 * exp_reference(q, t),
                           "invariants": ("symmetric",)}),
     # declares symmetry, returns a factor that is not symmetric
-    "SKEW": dict(update_dense=lambda q, t: _exp_dense(q, t) + 1e-3 * jnp.triu(q, 1),
-                 metadata={"reference_dense": lambda q, t: _exp_reference(q, t) + 1e-3 * np.triu(q, 1),
+    "SKEW": dict(update_dense=lambda q, t: exp_dense(q, t) + 1e-3 * jnp.triu(q, 1),
+                 metadata={"reference_dense": lambda q, t: exp_reference(q, t) + 1e-3 * np.triu(q, 1),
                            "invariants": ("symmetric",)}),
     # writes NaN into its state (the factor)
     "NAN": dict(update_dense=lambda q, t: q.at[0, 0].set(jnp.nan),
-                metadata={"reference_dense": lambda q, t: _exp_reference(q, t), "invariants": ("symmetric",)}),
+                metadata={"reference_dense": exp_reference, "invariants": ("symmetric",)}),
 }
 
 
@@ -149,7 +139,7 @@ def test_nan_written_into_the_state_fails(wrong_modes):
 
 def test_a_mode_without_reference_fails_naming_what_to_register(wrong_modes):
     rollfast.plugins.register(rollfast.plugins.as_plugin(
-        precondition=lambda register: register.mode("kron", "BARE", update_dense=_exp_dense)), "bare")
+        precondition=lambda register: register.mode("kron", "BARE", update_dense=exp_dense)), "bare")
     with pytest.raises(CheckFailed, match=r"metadata=\{'reference_dense': fn\}"):
         _contract("BARE")["reference"]()
 
