@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import rollfast
+
 
 def standard_tree(seed: int = 0, dtype=jnp.float32) -> dict:
     """The standard benchmark tree: 4.9 M parameters.
@@ -112,10 +114,11 @@ class Compiled:
 
 def compile_step(name: str, opt: optax.GradientTransformation, params=None,
                  loss: Callable = standard_loss, apply: Callable | None = None,
-                 compiles: int = 2, **update_args) -> Compiled:
+                 compiles: int = 2, fused: bool = False, **update_args) -> Compiled:
     """Jit and compile ``opt``'s step ``(params, state, grads, key) -> (params, state)``.
 
     ``apply(params, updates, key)`` applies the updates (default ``optax.apply_updates``);
+    ``fused=True`` steps through ``rollfast.apply_step`` instead (update and apply together);
     compile time and XLA's FLOP count are of this step alone. The compile time is the
     better of ``compiles`` compilations (the machine is shared: one can take 25 % longer).
     """
@@ -123,6 +126,8 @@ def compile_step(name: str, opt: optax.GradientTransformation, params=None,
     apply = apply or (lambda p, u, key: optax.apply_updates(p, u))
 
     def step(params, state, grads, key):
+        if fused:
+            return rollfast.apply_step(opt, grads, state, params, **update_args)
         updates, state = opt.update(grads, state, params, **update_args)
         return apply(params, updates, key), state
 

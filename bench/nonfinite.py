@@ -4,7 +4,8 @@ The optimizer step alone (update + apply, jitted, donated; the gradient is compu
 outside the timer) on the standard 4.9 M-parameter tree of ``bench.common``, for
 ``optax.adamw``, rollfast's adamw with the default ``nonfinite="skip"`` (one
 finiteness pass over the gradient and a ``lax.cond`` around the step) and with
-``nonfinite="propagate"`` (no guard). The rows are timed in interleaved rounds on a
+``nonfinite="propagate"`` (no guard), and with the default policy stepping through
+``rollfast.apply_step`` (the update and its application inside one ``lax.cond``). The rows are timed in interleaved rounds on a
 shared machine; the table gives each row's best-round median and, below it, the
 min and median over rounds of the ratio to ``optax.adamw``. Target: ≤ 1.10×.
 
@@ -34,6 +35,7 @@ def main() -> None:
          rollfast.get("adamw", learning_rate=LR, nonfinite="propagate")),
     ]
     cases = [compile_step(name, opt) for name, opt in configs]
+    cases.append(compile_step("rollfast adamw (nonfinite=skip) via rollfast.apply_step", configs[1][1], fused=True))
     per_round = {case.name: [] for case in cases}
     keys = iter(jax.random.split(jax.random.PRNGKey(2), ROUNDS * len(cases) + len(cases)))
     for case in cases:

@@ -6,7 +6,8 @@
 Importing rollfast is light: plugins (and jax) load on first use of the registry.
 Names that plugins export (e.g. the rollfast 0.2 API) resolve lazily as
 attributes of this module, as do the core's jax-dependent helpers
-(``rollfast.skipped_steps(state)``: steps skipped for non-finite gradients).
+(``rollfast.skipped_steps(state)``: steps skipped for non-finite gradients;
+``rollfast.apply_step(opt, grads, state, params)``: update and apply in one guarded step).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from rollfast.registry import Contribution, hookimpl, registry
 __version__ = "0.3.0"
 
 __all__ = ["get", "available", "hookimpl", "plugins", "registry", "Contribution",
-           "UnknownNameError", "RollfastPluginWarning", "skipped_steps", "state_shardings", "__version__"]
+           "UnknownNameError", "RollfastPluginWarning", "apply_step", "skipped_steps", "state_shardings", "__version__"]
 
 # Core names that import jax, resolved on first access: name -> module.
-_LAZY = {"state_shardings": "rollfast.sharding", "skipped_steps": "rollfast.policy"}
+_LAZY = {"state_shardings": "rollfast.sharding", "skipped_steps": "rollfast.policy",
+         "apply_step": "rollfast.policy"}
 
 
 def __getattr__(name: str):

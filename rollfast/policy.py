@@ -30,6 +30,7 @@ instead of failing deep inside a family or broadcasting silently.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import NamedTuple
 
 import jax
@@ -38,11 +39,15 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-from rollfast.toolbox import all_finite_fast, run_unless_skipped
+from rollfast.toolbox import all_finite_fast, apply_unless_skipped, run_unless_skipped
 
 NONFINITE = ("skip", "propagate")
 
-__all__ = ["NONFINITE", "CoreState", "follow_sharding", "guard", "leaf_rules", "skipped_steps"]
+__all__ = ["NONFINITE", "CoreState", "apply_step", "follow_sharding", "guard", "leaf_rules", "skipped_steps"]
+
+
+# ``update`` of every guarded chain -> its update-and-apply (see :func:`apply_step`).
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class CoreState(NamedTuple):
@@ -153,21 +158,91 @@ def guard(inner: optax.GradientTransformationExtraArgs, nonfinite: str = "skip",
         state = inner.init(params)
         return follow_sharding(state, params) if jax.device_count() > 1 else state
 
+    def finite(updates, extra):
+        ok = all_finite_fast([updates, _numeric(extra)])
+        if axis_name is not None:
+            ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
+        return ok
+
     def update(updates, state, params=None, **extra):
         _check_layout(layouts, updates, params)
         step = lambda g, s: inner.update(g, s, params, **extra)
         if nonfinite == "propagate":
             return step(updates, state)
-        ok = all_finite_fast([updates, _numeric(extra)])
-        if axis_name is not None:
-            ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
+        ok = finite(updates, extra)
         if isinstance(ok, jax.core.Tracer):
             updates, new = run_unless_skipped(ok, step, updates, state)
         else:  # eager: run the step op by op, exactly as the parts alone would
             updates, new = step(updates, state) if bool(ok) else run_unless_skipped(ok, step, updates, state)
         return updates, _bump(new, (~ok).astype(jnp.int32))
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    def update_and_apply(grads, state, params, **extra):
+        _check_layout(layouts, grads, params)
+        if nonfinite == "propagate" or not _traced([grads, params]):  # eager: op by op, as update
+            updates, state = update(grads, state, params, **extra)
+            return optax.apply_updates(params, updates), state
+        ok = finite(grads, extra)
+        step = lambda g, s, p: _applied(inner.update(g, s, p, **extra), p)
+        params, new = apply_unless_skipped(ok, step, grads, state, params)
+        return params, _bump(new, (~ok).astype(jnp.int32))
+
+    guarded = optax.GradientTransformationExtraArgs(init, update)
+    _STEPS[update] = update_and_apply
+    return guarded
+
+
+def apply_step(optimizer: optax.GradientTransformation, grads, state, params, **extra):
+    r"""One optimizer step, applied: ``optimizer.update`` then ``optax.apply_updates``.
+
+    .. math::
+        (\theta_{t+1}, s_{t+1}) = (\theta_t + u_t, s_{t+1}) \quad\text{with}\quad
+        (u_t, s_{t+1}) = \mathrm{update}(g_t, s_t, \theta_t)
+
+    For an optimizer built by :func:`rollfast.get` with ``nonfinite="skip"``, the
+    non-finite policy's ``lax.cond`` then holds the update *and* its application, so
+    under ``jax.jit`` XLA fuses them into one pass as it does for a plain Optax step
+    (``update`` alone must hand the updates out of the ``lax.cond``, an extra write
+    and read of every parameter). A skipped step returns ``params`` and the state
+    unchanged except the skip counter. Any other optimizer gets
+    ``update`` + ``apply_updates``.
+
+    Args:
+      optimizer: any Optax transformation.
+      grads: the gradient, a tree like ``params``.
+      state: the optimizer state.
+      params: the parameters.
+      **extra: update arguments (``value=`` …).
+
+    Returns:
+      ``(new_params, new_state)``.
+
+    >>> import jax, jax.numpy as jnp, optax, rollfast
+    >>> opt = rollfast.get("adamw", learning_rate=0.1)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> state = opt.init(params)
+    >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+    >>> step = jax.jit(lambda p, s: rollfast.apply_step(opt, jax.grad(loss)(p), s, p))
+    >>> for _ in range(3):
+    ...     params, state = step(params, state)
+    ...     print(round(float(loss(params)), 3))
+    4.42
+    3.881
+    3.384
+    """
+    update_and_apply = _STEPS.get(optimizer.update)
+    if update_and_apply is not None:
+        return update_and_apply(grads, state, params, **extra)
+    updates, state = optimizer.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+
+def _applied(step_out, params):
+    updates, state = step_out
+    return optax.apply_updates(params, updates), state
+
+
+def _traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def follow_sharding(state, params):

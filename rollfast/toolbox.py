@@ -42,7 +42,7 @@ import optax
 CLIP_MODES = ("per_tensor_rms", "global_rms")
 
 __all__ = [
-    "CLIP_MODES", "absent", "all_finite", "all_finite_fast", "as_key", "clip_amps", "float_leaves", "hashed_bits", "is_float",
+    "CLIP_MODES", "absent", "all_finite", "all_finite_fast", "apply_unless_skipped", "as_key", "clip_amps", "float_leaves", "hashed_bits", "is_float",
     "keep_if", "leaf_keys", "random_bits", "resolve", "run_unless_skipped", "skip_nonfinite",
     "spike_guard", "sum_of_squares", "tree_sum", "update_clipper",
 ]
@@ -152,13 +152,34 @@ def run_unless_skipped(ok, update: Callable, grads, state):
     (Array([0., 0.], dtype=float32), Array([0., 0.], dtype=float32))
     """
     def skipped(grads, state):
-        # A state leaf whose dtype the step changes (some Optax states start in the
-        # params' dtype and continue in float32) keeps its value in the step's dtype.
-        shapes, new = jax.eval_shape(update, grads, state)
-        kept = jax.tree.map(lambda s, n: jnp.asarray(s).astype(n.dtype), state, new)
+        shapes, kept = _kept_state(update, (grads, state), state)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), kept
 
     return jax.lax.cond(ok, update, skipped, grads, state)
+
+
+def apply_unless_skipped(ok, step: Callable, grads, state, params):
+    """``step(grads, state, params) -> (new_params, new_state)`` if ``ok``, else
+    ``(params, state)``: :func:`run_unless_skipped` with the parameter update inside the
+    ``lax.cond``, so XLA can fuse the update and its application into one pass.
+
+    >>> step = lambda g, s, p: (p - g, s + 1)
+    >>> apply_unless_skipped(jnp.asarray(False), step, jnp.ones(2), jnp.zeros(()), jnp.ones(2))
+    (Array([1., 1.], dtype=float32), Array(0., dtype=float32))
+    """
+    def skipped(grads, state, params):
+        shapes, kept = _kept_state(step, (grads, state, params), state)
+        return jax.tree.map(lambda p, s: jnp.asarray(p).astype(s.dtype), params, shapes), kept
+
+    return jax.lax.cond(ok, step, skipped, grads, state, params)
+
+
+def _kept_state(step: Callable, args: tuple, state):
+    """The shapes of ``step(*args)`` and ``state`` in the dtypes of the step's new state:
+    a state leaf whose dtype the step changes (some Optax states start in the params'
+    dtype and continue in float32) keeps its value in the step's dtype."""
+    shapes = jax.eval_shape(step, *args)
+    return shapes[0], jax.tree.map(lambda s, n: jnp.asarray(s).astype(n.dtype), state, shapes[1])
 
 
 def skip_nonfinite(inner, axis_name=None) -> optax.GradientTransformationExtraArgs:

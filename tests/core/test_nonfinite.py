@@ -170,3 +170,77 @@ def test_huge_finite_gradients_are_not_skipped():
 def test_skipped_steps_needs_a_rollfast_state():
     with pytest.raises(TypeError, match="not a state of an optimizer built by rollfast.get"):
         rollfast.skipped_steps(optax.adam(0.1).init({"w": jnp.ones(2)}))
+
+
+def fused_step(opt, **extra):
+    return jax.jit(lambda g, s, p: rollfast.apply_step(opt, g, s, p, **extra))
+
+
+def separate_step(opt, **extra):
+    def step(g, s, p):
+        u, s = opt.update(g, s, p, **extra)
+        return optax.apply_updates(p, u), s
+    return jax.jit(step)
+
+
+@pytest.mark.parametrize("options", [{}, {"mask": "magma"}, {"average": "schedule_free"}])
+def test_apply_step_equals_update_then_apply(options):
+    """``rollfast.apply_step`` is ``update`` + ``apply_updates`` on finite steps (to the last
+    ulp or two XLA may round differently when it fuses the two) and keeps params and state on a
+    skipped one."""
+    opt = rollfast.get("adamw", learning_rate=1e-2, **options)
+    fused, separate = fused_step(opt), separate_step(opt)
+    p1 = p2 = PARAMS
+    s1 = s2 = opt.init(PARAMS)
+    for t in range(6):
+        g = grads(t, bad=jnp.nan if t == 3 else None)
+        (q1, n1), (q2, n2) = fused(g, s1, p1), separate(g, s2, p2)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(plain(a), plain(b), rtol=1e-6, atol=1e-7),
+                     (q1, n1), (q2, n2))
+        if t == 3:
+            assert_same(q1, p1)
+            assert_same(without_counter(n1), without_counter(s1))
+        p1, s1, p2, s2 = q1, n1, q2, n2
+    assert int(rollfast.skipped_steps(s1)) == 1
+    assert jax.tree.map(lambda x: x.dtype, p1) == jax.tree.map(lambda x: x.dtype, PARAMS)
+
+
+def test_apply_step_equals_optax_adamw():
+    ours, theirs = rollfast.get("adamw", learning_rate=3e-3), optax.adamw(3e-3, weight_decay=1e-4)
+    p1 = p2 = {"w": jnp.linspace(-1, 1, 300).reshape(30, 10), "b": jnp.ones(7)}
+    s1, s2 = ours.init(p1), theirs.init(p2)
+    f1, f2 = fused_step(ours), separate_step(theirs)
+    for t in range(10):
+        g = jax.tree.map(lambda x: jnp.cos(x * t), p1)
+        (p1, s1), (p2, s2) = f1(g, s1, p1), f2(g, s2, p2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p1, p2)
+
+
+def test_apply_step_passes_update_arguments_and_skips_on_them():
+    opt = rollfast.get("optax:polyak_sgd")
+    p = {"w": jnp.ones(3)}
+    step = fused_step(opt, value=jnp.float32(jnp.nan))
+    q, state = step({"w": jnp.ones(3)}, opt.init(p), p)
+    assert_same(q, p)
+    assert int(rollfast.skipped_steps(state)) == 1
+    q, state = jax.jit(lambda g, s, p, v: rollfast.apply_step(opt, g, s, p, value=v))({"w": jnp.ones(3)}, state, p,
+                                                                                     jnp.float32(2.0))
+    assert float(q["w"][0]) < 1.0 and int(rollfast.skipped_steps(state)) == 1
+
+
+def test_apply_step_of_other_optimizers_and_propagate_is_update_then_apply():
+    p = {"w": jnp.ones(3)}
+    g = {"w": jnp.array([1.0, jnp.nan, 1.0])}
+    for opt in (optax.adam(0.1), rollfast.get("adamw", learning_rate=0.1, nonfinite="propagate")):
+        (q1, s1), (q2, s2) = fused_step(opt)(g, opt.init(p), p), separate_step(opt)(g, opt.init(p), p)
+        np.testing.assert_array_equal(q1["w"], q2["w"])
+        assert bool(jnp.isnan(q1["w"][1]))
+    eager, _ = rollfast.apply_step(optax.sgd(1.0), {"w": jnp.ones(3)}, optax.sgd(1.0).init(p), p)
+    np.testing.assert_array_equal(eager["w"], jnp.zeros(3))
+
+
+def test_apply_step_checks_the_tree():
+    opt = rollfast.get("adamw", learning_rate=0.1)
+    p = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"first difference at \['w'\]: init had shape \(3,\), update has no leaf"):
+        rollfast.apply_step(opt, {"x": jnp.ones(3)}, opt.init(p), {"x": jnp.ones(3)})
