@@ -5,7 +5,8 @@ Tables (``docs/scale.md``):
 1. ``memory``: optimizer-state bytes per parameter at the shapes of a 1.3 B and a 7 B
    decoder (scanned layers), from ``jax.eval_shape`` (nothing is allocated), and the
    fraction of parameters with a dense factor on both sides.
-2. ``speed``: the standard 4.9 M tree, block 128 / 256 / unblocked, default mode and QUAD:
+2. ``speed``: the standard 4.9 M tree, block 128 / 256 / unblocked, default mode and QUAD,
+   with and without ``cache_preconditioner``:
    XLA's GFLOP for an update step (p=1) and an apply-only step (p=0), step time, compile.
 3. ``stack``: 4, 16, 64 equal 1024×1024 leaves at block 256: compile and step time.
 4. ``dense``: what blocking costs when the curvature is not block diagonal (relative error
@@ -61,7 +62,11 @@ def memory_table() -> None:
                 ("kron block 256", dict(block_size=256)),
                 ("kron block 256, max_size_dense 32768", dict(block_size=256, max_size_dense=32768)),
                 ("kron block 256, bf16 mu + factors", dict(block_size=256, mu_dtype=jnp.bfloat16,
-                                                            precond_dtype=jnp.bfloat16))]
+                                                            precond_dtype=jnp.bfloat16)),
+                ("kron block 256, cached P", dict(block_size=256, cache_preconditioner=True)),
+                ("kron block 256, bf16 mu + factors, cached P", dict(block_size=256, mu_dtype=jnp.bfloat16,
+                                                                     precond_dtype=jnp.bfloat16,
+                                                                     cache_preconditioner=True))]
     print("| model | optimizer | state GB | bytes / param | × adamw | dense both sides |")
     print("|---|---|---|---|---|---|")
     for model, dims in DECODERS.items():
@@ -85,10 +90,13 @@ def speed_table() -> None:
     cases = [compile_step("optax.adamw", optax.adamw(1e-3))]
     for mode in ("Q0.5EQ1.5", "QUAD"):
         for block in (None, 128, 256):
-            for p in (1.0, 0.0):
-                name = f"kron {mode} {'unblocked' if block is None else f'block {block}'} p={p:g}"
-                cases.append(compile_step(name, rollfast.get("kron", learning_rate=1e-3, mode=mode,
-                                                             block_size=block, preconditioner_update_probability=p)))
+            for cached in (False, True):
+                for p in (1.0, 0.0):
+                    name = (f"kron {mode} {'unblocked' if block is None else f'block {block}'}"
+                            f"{' cached P' if cached else ''} p={p:g}")
+                    cases.append(compile_step(name, rollfast.get(
+                        "kron", learning_rate=1e-3, mode=mode, block_size=block, cache_preconditioner=cached,
+                        preconditioner_update_probability=p)))
     rows = time_interleaved(cases, rounds=2, steps=5)
     print_table(rows)
     print("\namortised step at p=0.03 (× adamw): " + ", ".join(

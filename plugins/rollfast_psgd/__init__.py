@@ -112,7 +112,7 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
          track_lipschitz=True, damping=1e-9, grad_clip_max_amps=(2.0, 10.0), grad_clip_mode="per_tensor_rms",
          raw_global_grad_clip=None, permissive_spike_protection=True, newton_schulz_iters=5, axis_name=None,
          round="nearest", key=42, block_size=None, max_size_dense=16384, tile_stack_multiple=1, normalize_grads=False,
-         lr_style=None):
+         lr_style=None, cache_preconditioner=False):
     r"""PSGD Kron: momentum preconditioned by :math:`P = Q^TQ`, each :math:`Q_i` fitted online by the ``mode``:
 
     .. math::
@@ -133,17 +133,13 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       preconditioner_lr: base step η₀ of the factor updates.
       preconditioner_init_scale: initial ``s`` of ``P = s²I``; ``None``: from the first gradient.
       mu_dtype, precond_dtype: storage dtypes of the momentum and of the factors (``None``: float32).
-      precond_update_precision, precond_grads_precision: matmul precisions of the factor updates and
-        of ``P·m`` (``None``: JAX's default).
+      precond_update_precision, precond_grads_precision: matmul precision of the factor updates / of ``P·m``.
       scanned_layers: bool pytree (or ``params -> pytree``) of leaves stacked on axis 0.
-      lax_map_scanned_layers, lax_map_batch_size: map scanned layers with ``lax.map`` in batches of
-        this size (``<= 1``: unbatched) instead of ``vmap``.
+      lax_map_scanned_layers, lax_map_batch_size: ``lax.map`` over layers in batches (``<= 1``: one), not ``vmap``.
       mode: the factor geometry, a registered kron mode (``rollfast list``).
-      beta_lipschitz, track_lipschitz: decay of the Lipschitz estimate ``L``; normalise by the running
-        ``L`` (True) or by this update's bound.
+      beta_lipschitz, track_lipschitz: decay of the Lipschitz estimate ``L``; step by running ``L`` or this bound.
       damping: probe noise floor δ, added to ``G_i(Ph)``, and in the init-scale estimate.
-      grad_clip_max_amps, grad_clip_mode: ``(rms, elementwise)`` update caps (a number ``a`` is ``(a, 10.0)``),
-        ``"per_tensor_rms"`` or ``"global_rms"``.
+      grad_clip_max_amps, grad_clip_mode: ``(rms, elementwise)`` caps (``a``: ``(a, 10)``); per tensor or global.
       raw_global_grad_clip: spike threshold ``c`` on the raw gradient's global L2 norm.
       permissive_spike_protection: a spike is rescaled to norm ``c`` (True) or skipped (False).
       newton_schulz_iters: NS's reference iteration count (it runs at most ``+ 40``).
@@ -153,6 +149,7 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
       block_size, max_size_dense, tile_stack_multiple: tile side of blocked factors (``None``: unblocked);
         longest side tiled (longer: strips, diagonals); tile stack padded to a multiple of this (mesh axis size).
       normalize_grads, lr_style: grads divided by their Frobenius norm (+1e-6); ``"adam"``: RMS capped at 1.1, /5.
+      cache_preconditioner: keep ``P_i = Q_iᵀQ_i`` in the state (2× factor memory; steps without a fit form no P).
 
     Returns:
       ``optax.chain(scale_by_kron(...), add_decayed_weights, scale_by_learning_rate)``.
@@ -169,7 +166,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
     >>> [round(x, 3) for x in losses[::10]]   # the loss every 10 steps
     [3.0, 1.822, 1.279, 1.067, 0.934]
     """
-    return optax.chain(scale_by_kron(b1=b1, preconditioner_update_probability=preconditioner_update_probability,
+    return optax.chain(scale_by_kron(
+        b1=b1, preconditioner_update_probability=preconditioner_update_probability,
         max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
         min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode, whiten_grad=whiten_grad,
         update_preconditioner_first=update_preconditioner_first, preconditioner_lr=preconditioner_lr,
@@ -181,7 +179,8 @@ def kron(learning_rate=0.001, b1=0.9, weight_decay=0.0, weight_decay_mask=None,
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
         axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
-        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style),
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style,
+        cache_preconditioner=cache_preconditioner),
         optax.add_decayed_weights(weight_decay, weight_decay_mask), optax.scale_by_learning_rate(learning_rate))
 
 

@@ -38,7 +38,9 @@ class KronState(NamedTuple):
     ``mu``: momentum like params in ``mu_dtype`` (``None`` when ``b1 <= 0``); ``qs``: per
     leaf a tuple of factors (``(d, d)`` dense, ``(d,)`` diagonal; scalar leaves ``(1,)``;
     scanned leaves with a leading layer axis) in ``precond_dtype``; ``ls``: per factor
-    Lipschitz estimates (``None`` without ``track_lipschitz``).
+    Lipschitz estimates (``None`` without ``track_lipschitz``); ``ps``: with
+    ``cache_preconditioner``, :math:`P_i = Q_i^TQ_i` of each factor in the form of ``qs``
+    (else ``None``).
     """
 
     count: object
@@ -47,6 +49,7 @@ class KronState(NamedTuple):
     ls: object
     needs_scale_init: object
     key: object
+    ps: object = None
 
 
 def _check_memory_save_mode(instance, attribute, value):
@@ -118,6 +121,7 @@ class KronOptions:
     tile_stack_multiple: int = attrs.field(default=1, validator=_check_size)
     normalize_grads: bool = False
     lr_style: str | None = attrs.field(default=None, validator=_check_lr_style)
+    cache_preconditioner: bool = False
     spec: ModeSpec = attrs.field(init=False)
     rounding: object = attrs.field(init=False)
     clip: Callable = attrs.field(init=False)
@@ -168,7 +172,8 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
                   grad_clip_max_amps=(2.0, 10.0), grad_clip_mode="per_tensor_rms", raw_global_grad_clip=None,
                   permissive_spike_protection=True, newton_schulz_iters=5, axis_name=None, round="nearest",
                   key=42, block_size=None, max_size_dense=16384,
-                  tile_stack_multiple=1, normalize_grads=False, lr_style=None) -> optax.GradientTransformation:
+                  tile_stack_multiple=1, normalize_grads=False, lr_style=None,
+                  cache_preconditioner=False) -> optax.GradientTransformation:
     r"""Precondition the momentum with a Kronecker-factored PSGD preconditioner.
 
     .. math::
@@ -179,7 +184,7 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
     towards whitening :math:`h = g + (\delta + \epsilon|g|) v` (equations: ``docs/kron.md``).
 
     Args:
-      b1, preconditioner_update_probability, ..., lr_style: the options of
+      b1, preconditioner_update_probability, ..., cache_preconditioner: the options of
         :func:`rollfast_psgd.kron` (documented there, one by one), held in a validated
         :class:`KronOptions` record.
 
@@ -212,7 +217,8 @@ def scale_by_kron(b1=0.9, preconditioner_update_probability=precond_update_prob_
         grad_clip_mode=grad_clip_mode, raw_global_grad_clip=raw_global_grad_clip,
         permissive_spike_protection=permissive_spike_protection, newton_schulz_iters=newton_schulz_iters,
         axis_name=axis_name, round=round, key=key, block_size=block_size, max_size_dense=max_size_dense,
-        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style)
+        tile_stack_multiple=tile_stack_multiple, normalize_grads=normalize_grads, lr_style=lr_style,
+        cache_preconditioner=cache_preconditioner)
     return kron_transform(options)
 
 
@@ -287,9 +293,14 @@ def kron_init(params, options: KronOptions) -> KronState:
           for fs, shape, (scanned, _) in zip(qs, shapes, tiling.plans)]
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, options.mu_store), params) if options.b1 > 0 else None
     key = jax.random.PRNGKey(options.key) if isinstance(options.key, int) else options.key
+    ps = None
+    if options.cache_preconditioner:
+        ps = [[p.astype(options.q_store) for p in fs]
+              for fs in preconditioners([[q.astype(F32) for q in fs] for fs in qs], tiling.plans, options)]
     return KronState(jnp.zeros([], jnp.int32), mu, factor_state(qs, treedef, tiling),
                      factor_state(ls, treedef, tiling) if options.track_lipschitz else None,
-                     jnp.asarray(options.preconditioner_init_scale is None), key)
+                     jnp.asarray(options.preconditioner_init_scale is None), key,
+                     None if ps is None else factor_state(ps, treedef, tiling))
 
 
 def factor_state(per_unit: list, treedef, tiling):
@@ -345,14 +356,15 @@ def momentum(grads: list, mus: list, count, skip, b1: float) -> list:
     return [jnp.where(skip, m, (1 - beta) * g + beta * m) for g, m in zip(grads, (m.astype(F32) for m in mus))]
 
 
-def lazy_scale(qs, units, unit_plans, flag, segments, *, damping, axis_name=None):
+def lazy_scale(qs, units, unit_plans, flag, segments, *, damping, axis_name=None, power=1):
     r"""Every leaf's factors times :math:`s^{1/k}` where ``flag``, with the scale estimated
     from the gradient ``units`` (see :class:`~rollfast_psgd.factors.Packing`):
 
     .. math::
         s = \bigl(\max_{\text{leaf}} \operatorname{mean}(g^4) + \delta^4\bigr)^{-1/8}
 
-    (for a scanned leaf the max over its layers; averaged over ``axis_name``).
+    (for a scanned leaf the max over its layers; averaged over ``axis_name``). With
+    ``power=2`` the same for cached :math:`P_i = Q_i^TQ_i`: times :math:`s^{2/k}`.
 
     >>> lazy_scale([[jnp.ones(2)]], [jnp.full(2, 2.0)], [(False, (False,))], True, [None], damping=0.0)
     [[Array([0.70710677, 0.70710677], dtype=float32)]]
@@ -363,7 +375,7 @@ def lazy_scale(qs, units, unit_plans, flag, segments, *, damping, axis_name=None
     s = (jnp.max(jnp.stack(mu4 or [jnp.float32(0)])) + damping**4) ** (-1 / 8)
     if axis_name:
         s = jax.lax.pmean(s, axis_name)
-    return [[q * jnp.where(flag, s ** (1 / len(fs)), 1.0) for q in fs] for fs in qs]
+    return [[q * jnp.where(flag, s ** (power / len(fs)), 1.0) for q in fs] for fs in qs]
 
 
 def noise_shapes(signal, unit_plans) -> list:
@@ -420,16 +432,19 @@ def _update_one(qs, ls, h, v, valid, *, probes, balance, cfg, segments):
     return update_factors(qs, ls, h, v, probes, balance, cfg, segments, valid)
 
 
-def fit_factors(qs, ls, signal, plans, draws, options: KronOptions, valid=None):
-    """The factor stage: per leaf ``(qs, ls, ps)`` after an update with probability ``p``
-    (``lax.cond`` on ``draws.do_update``; with a constant ``p = 0`` no update branch is
+def fit_factors(qs, ls, signal, plans, draws, options: KronOptions, valid=None, cached=None):
+    """The factor stage: per leaf ``(qs, ls, ps, next_ps)`` after an update with probability
+    ``p`` (``lax.cond`` on ``draws.do_update``; with a constant ``p = 0`` no update branch is
     compiled). ``ps`` is ``P`` of the factors that precondition this step: the new ones with
-    ``update_preconditioner_first``, else the old ones. Leaves are fitted as the units of
-    ``Packing.of(..., stack=True)``: small leaves packed, leaves of equal shape stacked.
+    ``update_preconditioner_first``, else the old ones. ``next_ps`` (only with ``cached``,
+    the ``P`` of the incoming factors) is ``P`` of the returned factors, to cache for the next
+    step: a step that keeps its factors forms no ``P`` at all. Leaves are fitted as the units
+    of ``Packing.of(..., stack=True)``: small leaves packed, leaves of equal shape stacked.
     ``valid``: per leaf (unit of blocked pieces) ``None`` or its valid lengths.
     """
     fit = Packing.of(plans, [x.shape for x in signal], enabled=options.spec.update_diag is None)
     first = options.update_preconditioner_first
+    new_p = first or cached is not None
     valid = valid or [None] * len(signal)
     fit_valid = [valid[i] for i in fit.others] + [None] * (len(fit.plans(plans)) - len(fit.others))
 
@@ -438,15 +453,18 @@ def fit_factors(qs, ls, signal, plans, draws, options: KronOptions, valid=None):
             fit.pack(qs), None if ls is None else fit.pack(ls), fit.pack(signal), fit.plans(plans),
             fit.segments, draws.normals(), draws.balance, options, fit_valid)
         out = (fit.unpack(new_qs, qs), None if ls is None else fit.unpack(new_ls, ls), fit.unpack(new_ps, qs))
-        return out if first else out[:2]
+        return out if new_p else out[:2]
 
     def keep_branch(qs, ls):
-        return (qs, ls, preconditioners(qs, plans, options)) if first else (qs, ls)
+        if not new_p:
+            return qs, ls
+        return qs, ls, preconditioners(qs, plans, options) if cached is None else cached
 
     with jax.default_matmul_precision(options.precond_update_precision):
         out = (keep_branch(qs, ls) if options.never_updates
                else jax.lax.cond(draws.do_update, update_branch, keep_branch, qs, ls))
-        return out if first else (*out, preconditioners(qs, plans, options))
+        old_ps = cached if cached is not None else None if first else preconditioners(qs, plans, options)
+        return (*out[:2], out[2] if first else old_ps, None if cached is None else out[2])
 
 
 def apply_preconditioner(ps, moms, plans, options: KronOptions) -> list:
@@ -536,13 +554,17 @@ def kron_update(updates, state: KronState, params=None, *, options: KronOptions)
     qs = [[q.astype(F32) for q in fs] for fs in factor_units(state.qs, treedef, tiling)]
     ls = factor_units(state.ls, treedef, tiling) if options.track_lipschitz else None
     pk = Packing.of(plans, [g.shape for g in grads], enabled=options.spec.update_diag is None, stack=False)
+    cached = None if state.ps is None else [[p.astype(F32) for p in fs]
+                                            for fs in factor_units(state.ps, treedef, tiling)]
     if options.preconditioner_init_scale is None:
-        qs = lazy_scale(qs, pk.pack(grads), pk.plans(plans), state.needs_scale_init & ~skip, pk.segments,
-                        damping=options.damping, axis_name=options.axis_name)
+        rescale = partial(lazy_scale, units=pk.pack(grads), unit_plans=pk.plans(plans), segments=pk.segments,
+                          flag=state.needs_scale_init & ~skip, damping=options.damping, axis_name=options.axis_name)
+        qs = rescale(qs)
+        cached = None if cached is None else rescale(cached, power=2)
     signal = tiling.split(grads if options.whiten_grad else moms)
     draws = draw_step(state.key, _fit_noise_shapes(signal, tiling.plans, options),
                       update_probability(state.count, options), skip)
-    new_qs, new_ls, ps = fit_factors(qs, ls, signal, tiling.plans, draws, options, tiling.valid)
+    new_qs, new_ls, ps, next_ps = fit_factors(qs, ls, signal, tiling.plans, draws, options, tiling.valid, cached)
     work = tiling.split(moms)
     pw = pk if isinstance(tiling, Untiled) else Packing.of(
         tiling.plans, [m.shape for m in work], enabled=options.spec.update_diag is None, stack=False)
@@ -552,8 +574,8 @@ def kron_update(updates, state: KronState, params=None, *, options: KronOptions)
     if options.lr_style == "adam":
         us = adam_matched(us)
     us = [jnp.where(skip, 0.0, u).astype(g.dtype) for u, g in zip(us, leaves)]
-    return treedef.unflatten(us), next_state(state, treedef, tiling=tiling, moms=moms, qs=new_qs, ls=new_ls, skip=skip,
-                                             draws=draws, options=options)
+    return treedef.unflatten(us), next_state(state, treedef, tiling=tiling, moms=moms, qs=new_qs, ls=new_ls,
+                                             ps=next_ps, skip=skip, draws=draws, options=options)
 
 
 def _fit_noise_shapes(signal, plans, options):
@@ -562,10 +584,11 @@ def _fit_noise_shapes(signal, plans, options):
 
 
 def next_state(state: KronState, treedef, *, moms, qs, ls, skip, draws: StepDraws,
-               options: KronOptions, tiling=None) -> KronState:
+               options: KronOptions, tiling=None, ps=None) -> KronState:
     """The new state in its storage dtypes; count, key and the lazy-scale flag stay where
-    ``skip`` (momentum, factors and estimates kept themselves in their stages); factors in
-    the form of :func:`factor_state` for ``tiling`` (``None``: per leaf)."""
+    ``skip`` (momentum, factors, estimates and cached ``ps`` kept themselves in their
+    stages); factors in the form of :func:`factor_state` for ``tiling`` (``None``: per leaf).
+    Cached ``ps`` are stored in the factors' dtype, rounded to nearest."""
     mu = treedef.unflatten(store(moms, options.mu_store, draws.mu_key, options.rounding)) if options.b1 > 0 \
         else state.mu
     stored = iter(store([q for fs in qs for q in fs], options.q_store, draws.q_key, options.rounding))
@@ -574,7 +597,9 @@ def next_state(state: KronState, treedef, *, moms, qs, ls, skip, draws: StepDraw
         keep(state.count, optax.safe_increment(state.count)), mu,
         factor_state([tuple(next(stored) for _ in fs) for fs in qs], treedef, tiling),
         factor_state(ls, treedef, tiling) if options.track_lipschitz else None,
-        keep(state.needs_scale_init, False), keep(state.key, draws.next_key))
+        keep(state.needs_scale_init, False), keep(state.key, draws.next_key),
+        None if ps is None else factor_state([tuple(p.astype(options.q_store) for p in fs) for fs in ps], treedef,
+                                             tiling))
 
 
 # --- random numbers -------------------------------------------------------------------
