@@ -88,6 +88,19 @@ def test_kron_tile_stack_is_sharded_over_the_named_axis():
     assert kron_state.mu["w"].spec == P("dp", "fsdp") and kron_state.count.spec == P()
 
 
+def test_cached_preconditioner_stack_is_sharded_like_the_factors():
+    params, specs, _ = problem()
+    opt = rollfast.get("kron", block_size=128, tile_stack_multiple=4, cache_preconditioner=True)
+    sh = rollfast.state_shardings(opt, params, specs, mesh=mesh(), stack_axis="fsdp")
+    kron_state = [n for n in jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, KronState))
+                  if isinstance(n, KronState)][0]
+    assert kron_state.ps.stack.left.spec == kron_state.qs.stack.left.spec == P("fsdp", None, None)
+    state = jax.jit(opt.init, out_shardings=sh)(params)
+    cached = [n for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, KronState))
+              if isinstance(n, KronState)][0].ps.stack.left
+    assert cached.shape == (16, 128, 128) and cached.sharding.spec == P("fsdp", None, None)
+
+
 def test_unpadded_stack_is_refused_with_the_option_to_set():
     params, specs, _ = problem()  # 8 + 6 = 14 tiles of 128
     opt = rollfast.get("kron", block_size=128)
