@@ -19,7 +19,7 @@ when there is one). Public Optax callables that transform gradients but are not
 optimizers are listed, with the reason, in the export
 ``rollfast.optax_catalogue_skipped``; inputs that an installed Optax optimizer cannot
 take (:data:`LIMITATIONS`: sm3 on a 0-d leaf; lbfgs, galore, sophia on a tree without a
-float leaf) are refused by ``init`` with a ``ValueError`` giving the reason, and listed in
+float leaf; dadapt_adamw, prodigy on a float16 leaf; galore on a float16 matrix) are refused by ``init`` with a ``ValueError`` giving the reason, and listed in
 the export ``rollfast.optax_catalogue_limitations``.
 """
 
@@ -30,6 +30,7 @@ import inspect
 import re
 
 import jax
+import jax.numpy as jnp
 
 import rollfast
 from rollfast.constraints import BETA, LEARNING_RATE, Nullable
@@ -49,7 +50,8 @@ def precondition(register):
                         update_args=entry.update_args, first_moment=first_moment,
                         constraints=constraints(entry.function), complex_leaves=True)
     register.export("optax_catalogue_skipped", Skipped(skipped))
-    register.export("optax_catalogue_limitations", {name: reason for name, (_, reason) in LIMITATIONS.items()})
+    register.export("optax_catalogue_limitations",
+                    {name: "; ".join(reason for _, reason in pairs) for name, pairs in LIMITATIONS.items()})
 
 
 def _no_float_leaf(leaves) -> bool:
@@ -60,17 +62,35 @@ def _scalar_leaf(leaves) -> bool:
     return any(len(x.shape) == 0 for x in leaves)
 
 
+def _float16_leaf(leaves) -> bool:
+    return any(x.dtype == jnp.float16 for x in leaves)
+
+
+def _float16_matrix(leaves) -> bool:
+    return any(x.dtype == jnp.float16 and len(x.shape) == 2 for x in leaves)
+
+
+_D_ADAPTATION_IN_FLOAT16 = ("a float16 leaf: Optax keeps its distance estimate (starting at 1e-6) and the "
+                            "sums behind it in the parameters' dtype, where they underflow float16 and the "
+                            "first steps turn the parameters NaN; use float32 or bfloat16")
+
+
 # Inputs that installed Optax optimizers cannot take: family -> (test on the float leaves
 # the family receives, reason). ``init`` turns them into a clear ValueError up front.
 LIMITATIONS = {
-    "sm3": (_scalar_leaf, "a 0-d (scalar) leaf: Optax's sm3 keeps one accumulator per axis, "
-                          "and a scalar has none (IndexError inside Optax)"),
-    "lbfgs": (_no_float_leaf, "a tree without a non-empty float leaf: Optax's lbfgs indexes its "
-                              "leaves (IndexError inside Optax)"),
-    "galore": (_no_float_leaf, "a tree without a non-empty float leaf: Optax's galore unflattens "
-                               "per-leaf states that do not exist (ValueError inside Optax)"),
-    "sophia": (_no_float_leaf, "a tree without a non-empty float leaf: Optax's sophia reduces "
-                               "over its leaves without an initial value (TypeError inside Optax)"),
+    "sm3": ((_scalar_leaf, "a 0-d (scalar) leaf: Optax's sm3 keeps one accumulator per axis, "
+                           "and a scalar has none (IndexError inside Optax)"),),
+    "lbfgs": ((_no_float_leaf, "a tree without a non-empty float leaf: Optax's lbfgs indexes its "
+                               "leaves (IndexError inside Optax)"),),
+    "galore": ((_no_float_leaf, "a tree without a non-empty float leaf: Optax's galore unflattens "
+                                "per-leaf states that do not exist (ValueError inside Optax)"),
+               (_float16_matrix, "a float16 matrix leaf: Optax's galore computes its projection in "
+                                 "float16 and the parameters turn NaN at the first step; use float32 "
+                                 "or bfloat16")),
+    "sophia": ((_no_float_leaf, "a tree without a non-empty float leaf: Optax's sophia reduces "
+                                "over its leaves without an initial value (TypeError inside Optax)"),),
+    "dadapt_adamw": ((_float16_leaf, _D_ADAPTATION_IN_FLOAT16),),
+    "prodigy": ((_float16_leaf, _D_ADAPTATION_IN_FLOAT16),),
 }
 
 
@@ -127,13 +147,12 @@ def wrap(entry):
 def _refuse_limitation(name: str, tx):
     """``tx`` whose ``init`` raises a ValueError naming the known Optax limitation of
     family ``name`` when the parameters hit it (see :data:`LIMITATIONS`)."""
-    hits, reason = LIMITATIONS[name]
-
     def init(params):
         leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape") and x.size > 0]
-        if hits(leaves):
-            raise ValueError(f"optax:{name} cannot take {reason}; known Optax limitations are "
-                             f"listed in rollfast.optax_catalogue_limitations")
+        for hits, reason in LIMITATIONS[name]:
+            if hits(leaves):
+                raise ValueError(f"optax:{name} cannot take {reason}; known Optax limitations are "
+                                 f"listed in rollfast.optax_catalogue_limitations")
         return tx.init(params)
 
     return tx._replace(init=init)

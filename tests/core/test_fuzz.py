@@ -1,5 +1,6 @@
 """Fuzz over the registry: families × modes × wrappers × trees (None, int, empty,
-0-d … 4-D leaves) × float32/bfloat16/float16 × NaN/±inf steps.
+0-d … 4-D leaves) × float32/bfloat16/float16 × NaN/±inf steps × stepping through
+``update`` + ``apply_updates`` or ``rollfast.apply_step``.
 
 Derandomized with a fixed example budget, so CI sees the same cases every run and the
 test stays within seconds per example. Every example must either build and run, or
@@ -45,6 +46,7 @@ WRAPPERS = [{}, {"mask": "magma"}, {"average": "schedule_free"}, {"raw_global_gr
             {"mask": "magma", "average": "schedule_free"}]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 SHAPES = [(), (3,), (2, 3), (2, 1, 3), (2, 2, 1, 3)]
+STEPPING = ["update", "apply_step"]
 # Clear errors that a combination may raise instead of running, with the reason.
 DOCUMENTED = {
     r"known Optax limitations": "rollfast.optax_catalogue_limitations (sm3 on 0-d leaves, ...)",
@@ -52,8 +54,9 @@ DOCUMENTED = {
 
 
 def combination_count() -> int:
-    """Families×modes × wrappers × dtypes × leaf kinds (None, int, empty, five ranks) × bad values."""
-    return len(TARGETS) * len(WRAPPERS) * len(DTYPES) * (3 + len(SHAPES)) * 3
+    """Families×modes × wrappers × dtypes × leaf kinds (None, int, empty, five ranks) × bad values
+    × the two ways to step."""
+    return len(TARGETS) * len(WRAPPERS) * len(DTYPES) * (3 + len(SHAPES)) * 3 * len(STEPPING)
 
 
 leaf_kinds = st.sampled_from(["none", "int", "empty"] + [f"float{len(s)}" for s in SHAPES])
@@ -117,7 +120,19 @@ def signature(state):
     return jax.tree.structure(state), [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
 
 
-def run_case(target, wrapper, dtype, spec, bad, bad_step):
+def stepper(opt, stepping: str, jit: bool):
+    """``(grads, state, params, extra) -> (params, state, updates or None)``."""
+    if stepping == "apply_step":
+        def step(g, s, p, extra):
+            return (*rollfast.apply_step(opt, g, s, p, **extra), None)
+    else:
+        def step(g, s, p, extra):
+            u, s = opt.update(g, s, p, **extra)
+            return optax.apply_updates(p, u), s, u
+    return jax.jit(step) if jit else step
+
+
+def run_case(target, wrapper, dtype, spec, bad, bad_step, stepping="update"):
     name, options = target
     params = build_tree(spec, dtype)
     try:
@@ -129,7 +144,7 @@ def run_case(target, wrapper, dtype, spec, bad, bad_step):
         raise
     extra = extra_args(name.split(":")[-1], params)
     needs_grad = "grad" in extra
-    update = opt.update if "value_fn" in extra else jax.jit(opt.update)
+    step = stepper(opt, stepping, jit="value_fn" not in extra)
     has_live = any(is_live(p) for p in jax.tree.leaves(params, is_leaf=lambda x: x is None) if p is not None)
     first = signature(state)
     for t in range(3):
@@ -137,14 +152,14 @@ def run_case(target, wrapper, dtype, spec, bad, bad_step):
         grads = grads_of(params, t, poisoned)
         if needs_grad:
             extra["grad"] = grads
-        updates, new = update(grads, state, params, **extra)
+        new_params, new, updates = step(grads, state, params, extra)
         assert signature(new) == first, "the state changed structure or dtype"
         if poisoned is not None:
             assert all(not bool(jnp.any(u)) for u in jax.tree.leaves(updates)), "a non-finite step moved"
             jax.tree.map(lambda a, b: np.testing.assert_array_equal(plain(a), plain(b)),
                          without_counter(new), without_counter(state))
+            jax.tree.map(np.testing.assert_array_equal, new_params, params)
             assert int(rollfast.skipped_steps(new)) == int(rollfast.skipped_steps(state)) + 1
-        new_params = optax.apply_updates(params, updates)
         for p, q in zip(jax.tree.leaves(params, is_leaf=lambda x: x is None),
                         jax.tree.leaves(new_params, is_leaf=lambda x: x is None)):
             if p is None:
@@ -162,23 +177,27 @@ def run_case(target, wrapper, dtype, spec, bad, bad_step):
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(target=st.sampled_from(TARGETS), wrapper=st.sampled_from(WRAPPERS), dtype=st.sampled_from(DTYPES),
-       spec=trees(), bad=st.sampled_from([jnp.nan, jnp.inf, -jnp.inf]), bad_step=st.integers(0, 2))
-def test_registry_fuzz(target, wrapper, dtype, spec, bad, bad_step):
-    run_case(target, wrapper, dtype, spec, bad, bad_step)
+       spec=trees(), bad=st.sampled_from([jnp.nan, jnp.inf, -jnp.inf]), bad_step=st.integers(0, 2),
+       stepping=st.sampled_from(STEPPING))
+def test_registry_fuzz(target, wrapper, dtype, spec, bad, bad_step, stepping):
+    run_case(target, wrapper, dtype, spec, bad, bad_step, stepping)
 
 
 def test_fuzz_space_is_counted():
     """The space the fuzz samples from (reported in the closing note of issue 14)."""
     assert len(TARGETS) > 50
-    assert combination_count() == len(TARGETS) * 5 * 3 * 8 * 3
+    assert combination_count() == len(TARGETS) * 5 * 3 * 8 * 3 * 2
 
 
 @pytest.mark.parametrize("name, spec", [
     ("optax:sm3", [("s", "float0")]), ("optax:lbfgs", [("i", "int"), ("n", "none")]),
     ("optax:galore", [("e", "empty")]), ("optax:sophia", [("n", "none")]),
+    ("optax:dadapt_adamw", [("s", "float0")]), ("optax:prodigy", [("v", "float1")]),
+    ("optax:galore", [("m", "float2")]),
 ])
 def test_known_optax_limitations_are_clear_errors(name, spec):
     options = {} if name == "optax:lbfgs" else {"learning_rate": 1e-2}
+    dtype = jnp.float16 if name in ("optax:dadapt_adamw", "optax:prodigy") or spec[0][1] == "float2" else jnp.float32
     with pytest.raises(ValueError, match="known Optax limitations"):
-        rollfast.get(name, **options).init(build_tree(spec, jnp.float32))
+        rollfast.get(name, **options).init(build_tree(spec, dtype))
     assert name.split(":")[1] in rollfast.optax_catalogue_limitations

@@ -69,14 +69,17 @@ def test_every_family_skips_a_nan_step_and_recovers(name):
         opt = rollfast.get(name, **lr)
     except TypeError as e:  # a family that needs more than a learning rate
         pytest.skip(f"{name} needs options: {e}")
-    if name.split(":")[1] in rollfast.optax_catalogue_limitations:
-        pytest.skip(f"known Optax limitation: {rollfast.optax_catalogue_limitations[name.split(':')[1]]}")
+    try:
+        state = opt.init(PARAMS)
+    except ValueError as e:  # this tree hits one of rollfast.optax_catalogue_limitations
+        if "known Optax limitations" not in str(e):
+            raise
+        pytest.skip(f"known Optax limitation: {e}")
     extra = extra_for(name.split(":")[1])
     if "grad" in extra:
         extra["grad"] = grads(1)
     update = jax.jit(lambda g, s, p: opt.update(g, s, p, **extra)) if "value_fn" not in extra else \
         (lambda g, s, p: opt.update(g, s, p, **extra))
-    state = opt.init(PARAMS)
     _, state = update(grads(1), state, PARAMS)
     for k, bad in enumerate((jnp.nan, jnp.inf, -jnp.inf)):
         updates, new = update(grads(2, bad), state, PARAMS)
