@@ -88,11 +88,16 @@ def summary(obj: object) -> str:
 
 
 _SECTION = re.compile(r"^(Args|Arguments|Parameters|Keyword Args):\s*$")
-_ENTRY = re.compile(r"^(\*{0,2}\w+)(?:\s*\([^)]*\))?\s*:\s*(.*)$")
+_ENTRY = re.compile(r"^(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)(?:\s*\([^)]*\))?\s*:\s*(.*)$")
 
 
 def arg_docs(doc: str) -> dict[str, str]:
-    """Map argument name → one-line doc from a Google-style ``Args:`` section."""
+    r"""Map argument name → one-line doc from a Google-style ``Args:`` section; an entry
+    ``a, b: text`` documents both ``a`` and ``b``.
+
+    >>> arg_docs("Args:\n  x: one.\n  y, z: two\n    lines.\n")
+    {'x': 'one.', 'y': 'two lines.', 'z': 'two lines.'}
+    """
     out: dict[str, str] = {}
     lines = doc.splitlines()
     i = 0
@@ -114,9 +119,9 @@ def arg_docs(doc: str) -> dict[str, str]:
                 break
             match = _ENTRY.match(raw.strip())
             if depth == indent and match:
-                current = match.group(1).lstrip("*")
-                out[current] = match.group(2).strip()
+                current = [name.strip().lstrip("*") for name in match.group(1).split(",")]
+                out.update(dict.fromkeys(current, match.group(2).strip()))
             elif current is not None:
-                out[current] = (out[current] + " " + raw.strip()).strip()
+                out.update(dict.fromkeys(current, (out[current[0]] + " " + raw.strip()).strip()))
             i += 1
     return out
