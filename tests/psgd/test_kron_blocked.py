@@ -13,7 +13,7 @@ from rollfast_psgd.blocking import Tiling, matrix_view, piece_rule
 from rollfast_psgd.factors import UpdateConfig, mode_spec, update_factors
 
 MODES = [r.name for r in rollfast.available("mode", family="kron")]
-# Every mode runs the tile tests in the slow tier (`make test-all`); the default and the
+# Every mode runs the tile tests (tile independence, padding) in the slow tier (`make test-all`); the default and the
 # triangular one (EQ) on every run.
 tier = lambda mode: () if mode in ("Q0.5EQ1.5", "EQ") else (pytest.mark.slow,)
 EXACT = dict(preconditioner_update_probability=1.0, preconditioner_init_scale=1.0,
@@ -81,7 +81,7 @@ def test_every_mode_blocked_equals_each_tile_as_its_own_leaf(mode):
     np.testing.assert_allclose(np.asarray(sb.qs.stack.left), np.asarray([q[0] for q in st.qs]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=tier(m)) for m in MODES])
 def test_padded_tile_moves_as_its_valid_block(mode):
     """Stage level: a 44×60 tile padded to 128×128 (zero padding, ``valid``) and the
     unpadded 44×60 leaf, given the same probes on the valid block, move the same way."""
