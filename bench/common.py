@@ -59,17 +59,22 @@ def state_bytes(state) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Achieved GFLOP/s of a plain n×n float32 matmul on this machine, now."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+def call_seconds(f: Callable, x, repeats: int = 10) -> list[float]:
+    """Wall times of ``repeats`` calls of the jitted ``f(x)`` after one warm-up call."""
+    f = jax.jit(f)
+    f(x).block_until_ready()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        f(x).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return times
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Achieved GFLOP/s of a plain n×n float32 matmul on this machine, now."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    return 2 * n**3 / statistics.median(call_seconds(lambda x: x @ x, a, repeats)) / 1e9
 
 
 @attrs.define

@@ -20,7 +20,6 @@ Tables (``docs/scale.md``):
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 
 import rollfast
-from bench.common import compile_step, matmul_peak_gflops, print_table, state_bytes, time_interleaved
+from bench.common import call_seconds, compile_step, matmul_peak_gflops, print_table, state_bytes, time_interleaved
 
 DECODERS = {"1.3B": dict(d=2048, ffn=5632, layers=24, vocab=32000),
             "7B": dict(d=4096, ffn=11008, layers=32, vocab=32000)}
@@ -145,13 +144,7 @@ def dense_table() -> None:
 def tile_product_gflops(tiles: int = 80, block: int = 256, repeats: int = 10) -> float:
     """Achieved GFLOP/s of one batched ``(tiles, block, block)`` float32 matmul, now."""
     a = jax.random.normal(jax.random.PRNGKey(0), (tiles, block, block))
-    f = jax.jit(lambda x: jnp.einsum("nab,nbc->nac", x, x))
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
+    times = call_seconds(lambda x: jnp.einsum("nab,nbc->nac", x, x), a, repeats)
     return 2 * tiles * block**3 / min(times) / 1e9
 
 

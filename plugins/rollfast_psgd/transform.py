@@ -356,25 +356,32 @@ def momentum(grads: list, mus: list, count, skip, b1: float) -> list:
     return [jnp.where(skip, m, (1 - beta) * g + beta * m) for g, m in zip(grads, (m.astype(F32) for m in mus))]
 
 
-def lazy_scale(qs, units, unit_plans, flag, segments, *, damping, axis_name=None, power=1):
-    r"""Every leaf's factors times :math:`s^{1/k}` where ``flag``, with the scale estimated
-    from the gradient ``units`` (see :class:`~rollfast_psgd.factors.Packing`):
+def initial_scale(units, unit_plans, segments, *, damping, axis_name=None):
+    r"""The lazy initial scale, estimated from the gradient ``units`` (see
+    :class:`~rollfast_psgd.factors.Packing`):
 
     .. math::
         s = \bigl(\max_{\text{leaf}} \operatorname{mean}(g^4) + \delta^4\bigr)^{-1/8}
 
-    (for a scanned leaf the max over its layers; averaged over ``axis_name``). With
-    ``power=2`` the same for cached :math:`P_i = Q_i^TQ_i`: times :math:`s^{2/k}`.
+    (for a scanned leaf the max over its layers; averaged over ``axis_name``).
 
-    >>> lazy_scale([[jnp.ones(2)]], [jnp.full(2, 2.0)], [(False, (False,))], True, [None], damping=0.0)
-    [[Array([0.70710677, 0.70710677], dtype=float32)]]
+    >>> round(float(initial_scale([jnp.full(2, 2.0)], [(False, (False,))], [None], damping=0.0)), 4)  # 16^(-1/8)
+    0.7071
     """
     mean4 = lambda g, seg: jnp.mean(g**4) if seg is None else jnp.max(seg.mean(g**4))
     mu4 = [jnp.max(jnp.mean(g.reshape(g.shape[0], -1) ** 4, axis=1)) if scanned else mean4(g, seg)
            for g, (scanned, _), seg in zip(units, unit_plans, segments) if g.size]
     s = (jnp.max(jnp.stack(mu4 or [jnp.float32(0)])) + damping**4) ** (-1 / 8)
-    if axis_name:
-        s = jax.lax.pmean(s, axis_name)
+    return jax.lax.pmean(s, axis_name) if axis_name else s
+
+
+def lazy_scale(qs, s, flag, power=1):
+    r"""Every leaf's ``k`` factors times :math:`s^{1/k}` where ``flag`` (:func:`initial_scale`);
+    with ``power=2`` the same for cached :math:`P_i = Q_i^TQ_i`: times :math:`s^{2/k}`.
+
+    >>> lazy_scale([[jnp.ones(2)]], jnp.float32(0.5), True)
+    [[Array([0.5, 0.5], dtype=float32)]]
+    """
     return [[q * jnp.where(flag, s ** (power / len(fs)), 1.0) for q in fs] for fs in qs]
 
 
@@ -463,8 +470,11 @@ def fit_factors(qs, ls, signal, plans, draws, options: KronOptions, valid=None, 
     with jax.default_matmul_precision(options.precond_update_precision):
         out = (keep_branch(qs, ls) if options.never_updates
                else jax.lax.cond(draws.do_update, update_branch, keep_branch, qs, ls))
-        old_ps = cached if cached is not None else None if first else preconditioners(qs, plans, options)
-        return (*out[:2], out[2] if first else old_ps, None if cached is None else out[2])
+        if first:
+            ps = out[2]
+        else:
+            ps = preconditioners(qs, plans, options) if cached is None else cached
+        return (*out[:2], ps, None if cached is None else out[2])
 
 
 def apply_preconditioner(ps, moms, plans, options: KronOptions) -> list:
@@ -557,10 +567,11 @@ def kron_update(updates, state: KronState, params=None, *, options: KronOptions)
     cached = None if state.ps is None else [[p.astype(F32) for p in fs]
                                             for fs in factor_units(state.ps, treedef, tiling)]
     if options.preconditioner_init_scale is None:
-        rescale = partial(lazy_scale, units=pk.pack(grads), unit_plans=pk.plans(plans), segments=pk.segments,
-                          flag=state.needs_scale_init & ~skip, damping=options.damping, axis_name=options.axis_name)
-        qs = rescale(qs)
-        cached = None if cached is None else rescale(cached, power=2)
+        scale = initial_scale(pk.pack(grads), pk.plans(plans), pk.segments, damping=options.damping,
+                              axis_name=options.axis_name)
+        flag = state.needs_scale_init & ~skip
+        qs = lazy_scale(qs, scale, flag)
+        cached = None if cached is None else lazy_scale(cached, scale, flag, power=2)
     signal = tiling.split(grads if options.whiten_grad else moms)
     draws = draw_step(state.key, _fit_noise_shapes(signal, tiling.plans, options),
                       update_probability(state.count, options), skip)

@@ -11,7 +11,7 @@ from rollfast_psgd import scale_by_kron
 from rollfast_psgd.factors import (FactorTerms, UpdateConfig, balanced, curvature_bound, gram_terms,
                                    lipschitz_step, mode_spec, statistic)
 from rollfast_psgd.transform import (KronOptions, apply_preconditioner, clip_updates, guard_spike, kron_init,
-                                     lazy_scale, leaf_plans, momentum, next_state, StepDraws)
+                                     initial_scale, lazy_scale, leaf_plans, momentum, next_state, StepDraws)
 
 RNG = np.random.default_rng(0)
 SPEC = mode_spec({"update_dense": lambda q, t: q})
@@ -74,12 +74,12 @@ def test_lazy_scale_makes_p_equal_s_squared_identity():
     damping = 0.1
     s = (max(np.mean(g_w**4), np.mean(g_b**4)) + damping**4) ** (-1 / 8)
     qs = [[jnp.eye(3), jnp.eye(2)], [jnp.ones(5)]]
-    out = lazy_scale(qs, [f32(g_w), f32(g_b)], [(False, (True, True)), (False, (False,))], True, [None, None],
-                     damping=damping)
+    scale = initial_scale([f32(g_w), f32(g_b)], [(False, (True, True)), (False, (False,))], [None, None],
+                          damping=damping)
+    out = lazy_scale(qs, scale, True)
     np.testing.assert_allclose(np.kron(out[0][0], out[0][1]), s * np.eye(6), rtol=1e-5)   # Q = s^{1/2}⊗s^{1/2}
     np.testing.assert_allclose(out[1][0], np.full(5, s), rtol=1e-5)
-    untouched = lazy_scale(qs, [f32(g_w), f32(g_b)], [(False, (True, True)), (False, (False,))], False,
-                           [None, None], damping=damping)
+    untouched = lazy_scale(qs, scale, False)
     assert all(np.array_equal(a, b) for fa, fb in zip(untouched, qs) for a, b in zip(fa, fb))
 
 
